@@ -1,0 +1,172 @@
+"""Command line: ``benchmark evaluate | leaderboard | defenses | tasks | train-saes``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from benchmark.errors import BenchmarkError
+
+
+def _parse_value(text: str):
+    """``-D key=value`` values: JSON where it parses (numbers, lists, null, true/false), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BenchmarkError(f"defense parameter '{item}' is not key=value (example: -D k=32)")
+        params[key] = _parse_value(value)
+    return params
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _csv(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+
+    from benchmark.attack import AttackConfig
+    from benchmark.engine import evaluate
+    from benchmark.models import load_model
+    from defenses import DEFENSES
+    from tasks import TASKS
+
+    DEFENSES.get(args.defense)  # fail on a bad name before the model loads
+    for t in args.tasks:
+        TASKS.get(t)
+    params = _parse_params(args.param)
+    cfgs = [AttackConfig(mode=m, eps=args.eps, steps=args.steps, lr=args.lr, positions=args.positions,
+                         optimizer=args.optimizer, seed=args.seed, batch_size=args.batch_size, layer=args.attack_layer)
+            for m in args.attack]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    command = "benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    for task in args.tasks:
+        for cfg in cfgs:
+            t0 = time.time()
+            print(f"== {args.defense} on {task}, attack {cfg.mode}", flush=True)
+            record, path = evaluate(model, args.defense, task, cfg, params, args.sae_dir,
+                                    Path(args.records_dir), progress=not args.quiet, command=command)
+            c, m = record["counts"], record["metrics"]
+            rate = "n/a" if m["recovery_rate"] is None else f"{m['recovery_rate']:.3f}"
+            print(f"   {c['valid_flips']} valid flips of {c['base_behavior']} with the behavior "
+                  f"({c['examples']} examples); recovered {c['recovered']} (rate {rate}); "
+                  f"{time.time() - t0:.0f} s -> {path}", flush=True)
+
+
+def cmd_leaderboard(args) -> None:
+    from benchmark.leaderboard import write_leaderboard
+
+    path = write_leaderboard(Path(args.records_dir), Path(args.out_dir))
+    print(f"wrote {path}")
+
+
+def cmd_defenses(args) -> None:
+    from defenses import DEFENSES
+
+    for name, cls in DEFENSES.items():
+        print(f"{name:24s} {cls.description}")
+
+
+def cmd_tasks(args) -> None:
+    from tasks import TASKS
+
+    for name, cls in TASKS.items():
+        print(f"{name:24s} {cls.description}")
+
+
+def cmd_train_saes(args) -> None:
+    from benchmark.sae_training import TrainConfig, train_reference_saes
+
+    cfg = TrainConfig(layers=tuple(args.layers), d_sae=args.width, k=args.k, train_tokens=args.tokens,
+                      steps=args.steps, seed=args.seed)
+    report = train_reference_saes(Path(args.out), cfg)
+    print(json.dumps(report["saes"], indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from benchmark.attack import ATTACK_MODES, OPTIMIZERS, POSITIONS, AttackConfig
+    from benchmark.models import DEFAULT_MODEL
+    from benchmark.records import RECORDS_DIR
+
+    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    default = AttackConfig()
+
+    ev = sub.add_parser("evaluate", help="run a defense against task suites and the recovery attacker")
+    ev.add_argument("--defense", required=True, help="registered defense name (see `benchmark defenses`)")
+    ev.add_argument("--tasks", type=_csv, default=["ioi"], help="comma-separated suites (see `benchmark tasks`)")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="registered model name or a local HF model folder")
+    ev.add_argument("--attack", type=_csv, default=[default.mode],
+                    help=f"comma-separated attack modes: {', '.join(ATTACK_MODES)}")
+    ev.add_argument("--eps", type=_floats, default=default.eps, help="ascending relative budgets to sweep")
+    ev.add_argument("--steps", type=int, default=default.steps, help="optimizer steps per budget")
+    ev.add_argument("--lr", type=float, default=default.lr, help="step length as a fraction of the budget")
+    ev.add_argument("--positions", choices=POSITIONS, default=default.positions)
+    ev.add_argument("--optimizer", choices=OPTIMIZERS, default=default.optimizer)
+    ev.add_argument("--seed", type=int, default=default.seed)
+    ev.add_argument("--batch-size", type=int, default=default.batch_size)
+    ev.add_argument("--attack-layer", type=int, default=None, help="attacked block (default: first defended site)")
+    ev.add_argument("-D", "--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="defense constructor parameter, repeatable (e.g. -D k=32 -D mode=zero)")
+    ev.add_argument("--sae-dir", type=Path, default=None, help="folder with layer_<L>/ SAEs (sae_lens disk format)")
+    ev.add_argument("--records-dir", default=str(RECORDS_DIR))
+    ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_evaluate)
+
+    lb = sub.add_parser("leaderboard", help="regenerate leaderboard/README.md from the run records")
+    lb.add_argument("--records-dir", default=str(RECORDS_DIR))
+    lb.add_argument("--out-dir", default=str(RECORDS_DIR.parent))
+    lb.set_defaults(func=cmd_leaderboard)
+
+    sub.add_parser("defenses", help="list registered defenses").set_defaults(func=cmd_defenses)
+    sub.add_parser("tasks", help="list registered task suites").set_defaults(func=cmd_tasks)
+
+    tr = sub.add_parser("train-saes", help="train the default model's reference SAEs (about 45 min on 2 cores)")
+    tr.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16])
+    tr.add_argument("--width", type=int, default=4608)
+    tr.add_argument("--k", type=int, default=64)
+    tr.add_argument("--tokens", type=int, default=400_000)
+    tr.add_argument("--steps", type=int, default=2500)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", default="saes/smollm2-135m-instruct")
+    tr.set_defaults(func=cmd_train_saes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at run time; avoids 30 s of retries per look-up
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except BenchmarkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Train the reference SAEs of the default model offline, evaluate them, and write them in sae_lens format.
+
+Rebuild the shipped SAEs with ``benchmark train-saes`` (defaults below are the ones used for the committed
+weights). Text comes from the labelled sets of the ``sae-probes`` package (news, reviews, medical abstracts,
+science questions, code ...), a share of it wrapped in the model's chat template as user prompts and
+question-answer turns. Position 0 (the attention sink, residual norm ~24,000 against ~150) is never used for
+training or statistics.
+
+Architecture: BatchTopK during training, saved as JumpReLU for inference (sae_lens converts it), so each
+latent has its own threshold and a clamp acts on one latent without the others' ranking. Decoder rows are
+unit norm in the saved file, so a clamp value is in units of residual norm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmark.data_sources import sae_probes_texts
+from benchmark.models import LoadedModel, load_model
+
+#: sae-probes sets mixed into the training text (diverse domains; no set shared with a held-out test split).
+CORPUS_SETS = (
+    "97_news_class", "161_agnews_0", "100_news_fake", "111_yelp_data", "113_movie_sent", "102_twt_emotion",
+    "101_disease_class", "98_cancer_cat", "36_sciq_tf", "99_sci_cat", "55_open_qa", "86_social_iqa",
+    "103_it_tick", "158_code_C", "159_code_Python", "160_code_HTML", "87_glue_cola", "90_glue_qnli",
+    "92_glue_sst2", "41_truthqa_tf", "54_cs_tf", "94_ai_gen", "126_art_type_book", "108_athlete_sport",
+)
+
+
+@dataclass
+class TrainConfig:
+    layers: tuple[int, ...] = (8, 12, 16)
+    d_sae: int = 4608
+    k: int = 64
+    train_tokens: int = 400_000
+    heldout_tokens: int = 20_000
+    steps: int = 2500
+    batch_size: int = 1024
+    lr: float = 4e-4
+    max_seq_len: int = 128
+    min_seq_len: int = 16
+    chat_share: float = 0.35
+    seed: int = 0
+
+
+def build_corpus(tokenizer, cfg: TrainConfig) -> list[list[int]]:
+    """Token id lists: plain texts and chat-formatted turns, shuffled with the config's seed."""
+    rng = random.Random(cfg.seed)
+    texts: list[tuple[str, str]] = []  # (kind, text)
+    for name in CORPUS_SETS:
+        for text in sae_probes_texts(name):
+            texts.append((name, text))
+    rng.shuffle(texts)
+    seqs: list[list[int]] = []
+    budget = cfg.train_tokens + cfg.heldout_tokens
+    total = 0
+    for name, text in texts:
+        if rng.random() < cfg.chat_share:
+            if "\nA:" in text:  # question-answer sets become a two-turn chat
+                q, a = text.split("\nA:", 1)
+                msgs = [{"role": "user", "content": q.removeprefix("Q:").strip()},
+                        {"role": "assistant", "content": a.strip()}]
+            else:
+                msgs = [{"role": "user", "content": text}]
+            ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
+            if not isinstance(ids, list):
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        ids = ids[: cfg.max_seq_len]
+        if len(ids) < cfg.min_seq_len:
+            continue
+        seqs.append(ids)
+        total += len(ids) - 1  # position 0 is dropped
+        if total >= budget:
+            break
+    return seqs
+
+
+@torch.no_grad()
+def collect_residuals(
+    model: LoadedModel, seqs: list[list[int]], layers: tuple[int, ...], batch_tokens: int = 4096
+) -> dict[int, torch.Tensor]:
+    """Residual stream after each layer for every token but position 0: ``{layer: [n_tokens, d_model]}`` (fp16).
+
+    Sequences are batched by length (right padding, which a causal model ignores for earlier tokens) and the
+    forward stops after the deepest requested layer.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+    batches, cur = [], []
+    for i in order:
+        cur.append(i)
+        if len(cur) * len(seqs[i]) >= batch_tokens:
+            batches.append(cur)
+            cur = []
+    if cur:
+        batches.append(cur)
+    for batch in tqdm(batches, desc="collecting residuals"):
+        width = max(len(seqs[i]) for i in batch)
+        ids = torch.full((len(batch), width), model.tokenizer.pad_token_id)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, : len(seqs[i])] = 1
+        saved = []
+        with model.lm.trace(dict(input_ids=ids, attention_mask=mask)) as tracer:
+            for L in layers:
+                saved.append(model.block(L).output.save())
+            tracer.stop()  # nothing after the deepest requested layer is needed
+        keep = mask.bool().clone()
+        keep[:, 0] = False
+        for L, h in zip(layers, saved):
+            out[L].append(h[keep].to(torch.float16))
+    return {L: torch.cat(v) for L, v in out.items()}
+
+
+def _shuffled_batches(acts: torch.Tensor, batch_size: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(acts.shape[0], generator=gen)
+        for i in range(0, acts.shape[0] - batch_size + 1, batch_size):
+            yield acts[perm[i : i + batch_size]].float()
+
+
+def train_one(acts: torch.Tensor, cfg: TrainConfig, d_in: int, layer: int, hook_name: str):
+    """Train a BatchTopK SAE on ``acts`` [n, d_in]; returns the inference SAE (JumpReLU, unit-norm decoder)."""
+    from sae_lens import SAE
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(cfg.seed + layer)
+    sae_cfg = BatchTopKTrainingSAEConfig(
+        d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, normalize_activations="expected_average_only_in"
+    )
+    sae_cfg.metadata.hook_name = hook_name
+    sae = BatchTopKTrainingSAE(sae_cfg)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.steps * cfg.batch_size,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr,
+        lr_end=cfg.lr / 10,
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=cfg.steps // 20,
+        lr_decay_steps=cfg.steps // 5,
+        n_batches_for_norm_estimate=50,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_shuffled_batches(acts, cfg.batch_size, cfg.seed))
+    trainer.fit()
+    tmp = Path(f"/tmp/sae-train-{layer}-{time.time_ns()}")
+    sae.save_inference_model(tmp)
+    return SAE.load_from_disk(tmp, device="cpu", dtype="float32")
+
+
+@torch.no_grad()
+def evaluate_sae(sae, model: LoadedModel, layer: int, heldout_acts: torch.Tensor, heldout_seqs) -> dict:
+    """L0, FVU and dead-latent share on held-out activations, and next-token loss with the SAE spliced in."""
+    x = heldout_acts.float()
+    feats = sae.encode(x)
+    recon = sae.decode(feats)
+    l0 = (feats > 0).sum(-1).float().mean().item()
+    fvu = ((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    dead = ((feats > 0).sum(0) == 0).float().mean().item()
+    clean, spliced, zeroed = _next_token_losses(model, layer, sae, heldout_seqs)
+    return {
+        "l0": round(l0, 2),
+        "fvu": round(fvu, 4),
+        "dead_share": round(dead, 5),
+        "loss_clean": round(clean, 4),
+        "loss_spliced": round(spliced, 4),
+        "loss_increase": round(spliced - clean, 4),
+        "loss_zero_ablated": round(zeroed, 4),
+        "loss_recovered_share": round((zeroed - spliced) / (zeroed - clean), 4),
+    }
+
+
+def _next_token_losses(model: LoadedModel, layer: int, sae, seqs, batch: int = 16) -> tuple[float, float, float]:
+    """Mean next-token loss: clean, with resid_post of ``layer`` replaced by the SAE reconstruction, and zeroed.
+
+    Position 0 is left untouched in both edits; loss is averaged over the same predicted tokens.
+    """
+    sums = torch.zeros(3)
+    count = 0
+    for i in range(0, len(seqs), batch):
+        part = seqs[i : i + batch]
+        width = max(map(len, part))
+        ids = torch.full((len(part), width), model.tokenizer.pad_token_id)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for r, s in enumerate(part):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        target = ids[:, 1:]
+        valid = mask[:, 1:].bool()
+        for j, mode in enumerate(("clean", "sae", "zero")):
+            with model.lm.trace(dict(input_ids=ids, attention_mask=mask)):
+                if mode != "clean":
+                    h = model.block(layer).output
+                    new = sae(h) if mode == "sae" else torch.zeros_like(h)
+                    new[:, 0] = h[:, 0]
+                    model.block(layer).output = new
+                logits = model.lm.output.logits.save()
+            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, target[..., None])[..., 0]
+            sums[j] += -(logp[valid]).sum()
+        count += int(valid.sum())
+    clean, spliced, zeroed = (sums / count).tolist()
+    return clean, spliced, zeroed
+
+
+def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = "smollm2-135m-instruct") -> dict:
+    """Collect activations once for all layers, train one SAE per layer, save fp16 weights and a report."""
+    started = time.time()
+    model = load_model(model_name)
+    seqs = build_corpus(model.tokenizer, cfg)
+    n_held = max(1, int(len(seqs) * cfg.heldout_tokens / (cfg.train_tokens + cfg.heldout_tokens)))
+    heldout_seqs, train_seqs = seqs[:n_held], seqs[n_held:]
+    print(f"{len(train_seqs)} training sequences, {len(heldout_seqs)} held out", flush=True)
+    train_acts = collect_residuals(model, train_seqs, cfg.layers)
+    held_acts = collect_residuals(model, heldout_seqs, cfg.layers)
+    collect_s = time.time() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"config": asdict(cfg), "model": model.name, "model_revision": model.revision,
+              "collect_seconds": round(collect_s, 1), "saes": {}}
+    for layer in cfg.layers:
+        t0 = time.time()
+        hook = f"{model.site_map.block_path(layer)}.output"
+        sae = train_one(train_acts[layer], cfg, model.d_model, layer, hook)
+        sae.fold_W_dec_norm()
+        stats = evaluate_sae(sae, model, layer, held_acts[layer], heldout_seqs)
+        stats.update(
+            architecture="jumprelu (trained as batchtopk)",
+            width=cfg.d_sae,
+            k=cfg.k,
+            train_tokens=int(train_acts[layer].shape[0]),
+            tokens_seen=cfg.steps * cfg.batch_size,
+            heldout_tokens=int(held_acts[layer].shape[0]),
+            train_seconds=round(time.time() - t0, 1),
+        )
+        target = out_dir / f"layer_{layer}"
+        sae.to(dtype=torch.float16)
+        sae.cfg.dtype = "float16"
+        sae.save_model(target)
+        report["saes"][f"layer_{layer}"] = stats
+        print(f"layer {layer}: {json.dumps(stats)}", flush=True)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["total_seconds"] = round(time.time() - started, 1)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def steps_for_tokens(tokens: int, batch_size: int) -> int:
+    return math.ceil(tokens / batch_size)

@@ -1,0 +1,6 @@
+"""The battery of task suites; importing this package registers the built-in suites."""
+
+from tasks.base import TASKS, PromptBatch, TaskSuite
+from tasks.ioi import suite as _ioi  # noqa: F401  (registers "ioi")
+
+__all__ = ["TASKS", "PromptBatch", "TaskSuite"]

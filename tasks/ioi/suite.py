@@ -1,0 +1,60 @@
+"""Indirect object identification (circuit level): ``b = logit(IO) - logit(S)`` at the final position."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from benchmark.errors import BenchmarkError
+from tasks.base import TASKS, PromptBatch, TaskSuite, encode_prompts
+
+DATA = Path(__file__).parent / "data" / "ioi.json"
+
+
+@TASKS.register("ioi")
+class IOISuite(TaskSuite):
+    version = "1.0"
+    description = "IOI: templated ABBA/BABA prompts, b = logit(IO) - logit(S) at the final position"
+
+    @property
+    def data_files(self) -> list[Path]:
+        return [DATA]
+
+    @cached_property
+    def _data(self) -> dict:
+        return json.loads(DATA.read_text())
+
+    def _single_token(self, name: str) -> int | None:
+        ids = self.tokenizer(name, add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 else None
+
+    def examples(self, split: str) -> list[dict]:
+        if split not in self._data["splits"]:
+            raise BenchmarkError(f"IOI has no split '{split}' (splits: {', '.join(self._data['splits'])})")
+        kept = [
+            ex for ex in self._data["splits"][split]
+            if self._single_token(ex["io"]) is not None and self._single_token(ex["s"]) is not None
+        ]
+        if not kept:
+            raise BenchmarkError("no IOI example has single-token names for this tokenizer")
+        return kept
+
+    def encode(self, examples: list[dict]) -> PromptBatch:
+        targets = {
+            "io": torch.tensor([self._single_token(ex["io"]) for ex in examples]),
+            "s": torch.tensor([self._single_token(ex["s"]) for ex in examples]),
+        }
+        return encode_prompts(self.tokenizer, [ex["id"] for ex in examples], [ex["prompt"] for ex in examples], targets)
+
+    def behavior(self, logits: Tensor, batch: PromptBatch) -> Tensor:
+        io = logits.gather(-1, batch.targets["io"][:, None])[:, 0]
+        s = logits.gather(-1, batch.targets["s"][:, None])[:, 0]
+        return io - s
+
+    def control_batch(self) -> PromptBatch:
+        control = self._data["control"]
+        return encode_prompts(self.tokenizer, [c["id"] for c in control], [c["text"] for c in control], {})

@@ -1,0 +1,76 @@
+"""The attacker's constraints, checked on the tiny model."""
+
+import pytest
+import torch
+
+from benchmark.attack import AttackConfig, RecoveryAttack, defense_edits
+from benchmark.engine import behavior_scores
+from benchmark.forward import capture, compose, run_edited
+from benchmark.replay import stack_deltas
+
+
+def _valid_flips(model, ioi, defense):
+    batch = ioi.encode(ioi.examples("test"))
+    base = behavior_scores(model, ioi, batch, None)
+    defended = behavior_scores(model, ioi, batch, defense)
+    idx = ((base > 0) & (defended <= 0)).nonzero()[:, 0]
+    assert len(idx) >= 10, "the tiny setup should give valid flips to attack"
+    return batch.select(idx[:24])
+
+
+def _site_input(model, defense, batch, layer):
+    seen = {}
+    edits = defense_edits(defense, batch)
+    edits[layer] = compose(capture(seen, layer), edits[layer])
+    with torch.no_grad():
+        run_edited(model, batch, edits)
+    return seen[layer]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_encoder_mode_leaves_defended_preactivations_unchanged(tiny_model, ioi, fitted_clamp, optimizer):
+    flips = _valid_flips(tiny_model, ioi, fitted_clamp)
+    cfg = AttackConfig(mode="encoder", eps=(0.5,), steps=10, optimizer=optimizer)
+    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, cfg).run(flips, progress=False)
+    assert any(o.delta.abs().max() > 0 for o in outcomes)
+    # recompute independently of the attacker's own bookkeeping
+    h = _site_input(tiny_model, fitted_clamp, flips, 2)
+    delta = stack_deltas(flips, [o.delta for o in outcomes])
+    before = fitted_clamp.readouts(2, h)
+    after = fitted_clamp.readouts(2, h + delta)
+    mask = flips.token_mask
+    rel = (after - before)[mask].abs().max() / before[mask].pow(2).mean().sqrt()
+    assert rel < 1e-4
+    assert max(o.c1_change for o in outcomes) < 1e-4
+
+
+def test_unconstrained_mode_moves_defended_preactivations(tiny_model, ioi, fitted_clamp):
+    flips = _valid_flips(tiny_model, ioi, fitted_clamp)
+    cfg = AttackConfig(mode="none", eps=(0.5,), steps=10)
+    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, cfg).run(flips, progress=False)
+    assert max(o.c1_change for o in outcomes) > 1e-2
+
+
+def test_budget_holds_per_position(tiny_model, ioi, fitted_clamp):
+    flips = _valid_flips(tiny_model, ioi, fitted_clamp)
+    eps = 0.05
+    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(eps,), steps=5)).run(flips, progress=False)
+    h = _site_input(tiny_model, fitted_clamp, flips, 2)
+    delta = stack_deltas(flips, [o.delta for o in outcomes])
+    assert (delta.norm(dim=-1) <= eps * h.norm(dim=-1) * (1 + 1e-5) + 1e-7).all()
+    assert (delta[~flips.token_mask] == 0).all(), "delta must not touch padding or the attention sink"
+
+
+def test_recovered_examples_really_recover_with_defense_active(tiny_model, ioi, fitted_clamp):
+    flips = _valid_flips(tiny_model, ioi, fitted_clamp)
+    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=15)).run(flips, progress=False)
+    rec = [o for o in outcomes if o.recovered]
+    assert rec, "the attack should recover some flips on the tiny model"
+    sub = flips.select([o.index for o in rec])
+    delta = stack_deltas(sub, [o.delta for o in rec])
+    edits = defense_edits(fitted_clamp, sub)
+    edits[2] = compose(lambda h: h + delta, edits[2])
+    with torch.no_grad():
+        b = ioi.behavior(run_edited(tiny_model, sub, edits), sub)
+    assert (b > 0).all()
+    assert all(o.steps_used >= 1 for o in rec)

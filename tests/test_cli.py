@@ -1,0 +1,64 @@
+"""Bad input exits non-zero with one clear line naming the problem."""
+
+import pytest
+
+from benchmark.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_unknown_defense(capsys):
+    code, err = _run(capsys, "evaluate", "--defense", "sae_clmp")
+    assert code == 2 and err.count("\n") == 0
+    assert "unknown defense 'sae_clmp'" in err and "did you mean 'sae_clamp'" in err
+
+
+def test_unknown_task(capsys):
+    code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--tasks", "ioi,tpq")
+    assert code == 2 and "unknown task suite 'tpq'" in err
+
+
+def test_layer_out_of_range(capsys, tiny_dir):
+    code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--model", str(tiny_dir / "model"),
+                     "--sae-dir", str(tiny_dir / "saes"), "-D", "layer=99", "--quiet")
+    assert code == 2 and err.count("\n") == 0
+    assert "layer 99 is out of range" in err and "0..3" in err
+
+
+def test_sae_width_mismatch(capsys, tiny_dir):
+    code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--model", str(tiny_dir / "model"),
+                     "--sae-dir", str(tiny_dir / "saes_wrong_width"), "-D", "layer=2", "--quiet")
+    assert code == 2 and err.count("\n") == 0
+    assert "d_in=32" in err and "d_model=64" in err
+
+
+def test_missing_sae_file(capsys, tiny_dir, tmp_path):
+    code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--model", str(tiny_dir / "model"),
+                     "--sae-dir", str(tmp_path), "-D", "layer=1", "--quiet")
+    assert code == 2 and "no SAE for layer 1" in err and "benchmark train-saes" in err
+
+
+def test_unknown_attack_mode_and_bad_param(capsys):
+    code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--attack", "telepathy")
+    assert code == 2 and "unknown attack mode 'telepathy'" in err
+    code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "-D", "k")
+    assert code == 2 and "not key=value" in err
+
+
+def test_evaluate_and_leaderboard_on_tiny_model(capsys, tiny_dir, tmp_path):
+    records = tmp_path / "records"
+    code = main(["evaluate", "--defense", "sae_clamp", "--model", str(tiny_dir / "model"), "--sae-dir",
+                 str(tiny_dir / "saes"), "-D", "layer=1", "-D", "k=4", "--eps", "0.1,0.5", "--steps", "5",
+                 "--records-dir", str(records), "--quiet"])
+    assert code == 0
+    assert "valid flips" in capsys.readouterr().out
+    (path,) = records.rglob("*.json")
+    assert path.name == "ioi__encoder.json"
+    code = main(["leaderboard", "--records-dir", str(records), "--out-dir", str(tmp_path)])
+    assert code == 0
+    table = (tmp_path / "README.md").read_text()
+    assert "| sae_clamp" in table and "ioi" in table and "records/" in table
