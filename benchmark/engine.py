@@ -64,7 +64,6 @@ def evaluate(
     defense = DEFENSES.get(defense_name).create(**(defense_params or {}))
     ctx = FitContext(model, task, sae_dir)
     defense.fit(ctx)
-    attack = RecoveryAttack(model, defense, task, attack_cfg)
 
     test = task.encode(task.examples("test"))
     b_base = behavior_scores(model, task, test, None)
@@ -72,7 +71,8 @@ def evaluate(
     valid = (b_base > 0) & (b_def <= 0)
     flip_idx = valid.nonzero()[:, 0]
     flips = test.select(flip_idx)
-    outcomes = attack.run(flips, progress=progress) if len(flip_idx) else []
+    attack = RecoveryAttack(model, defense, task, attack_cfg) if len(flip_idx) else None
+    outcomes = attack.run(flips, progress=progress) if attack else []
 
     rec_rows = [o.index for o in outcomes if o.recovered]
     replays = None
@@ -122,13 +122,15 @@ def evaluate(
         "attack": {"mode": attack_cfg.mode, "steps": attack_cfg.steps, "lr": attack_cfg.lr,
                    "eps_abs": eps_rel * (sum(h_norms) / len(h_norms) if h_norms else 0.0), "eps_rel": eps_rel,
                    "eps_sweep": list(attack_cfg.eps), "positions": attack_cfg.positions, "jacobian_rank": None,
-                   "seed": attack_cfg.seed, "optimizer": attack_cfg.optimizer, "layer": attack.layer,
+                   "seed": attack_cfg.seed, "optimizer": attack_cfg.optimizer,
                    "batch_size": attack_cfg.batch_size},
         "counts": counts,
         "metrics": metrics,
         "examples": rows,
         "provenance": provenance(time.time() - started, command),
     }
+    if attack is not None:
+        record["attack"]["layer"] = attack.layer
     path = record_path(model.name, defense.name, task.name, attack_cfg.mode, records_root)
     write_record(record, path)
     return record, path
