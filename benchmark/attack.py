@@ -210,44 +210,41 @@ class RecoveryAttack:
                 c1_change=c1, h_norm_mean=h_norm[i][attacked].mean().item(),
             )
 
-        for eps in self.cfg.eps:
-            if not active.any():
+        # budget used by the update after forward t; forward t scores the delta made under schedule[t - 1]
+        schedule = [eps for eps in self.cfg.eps for _ in range(self.cfg.steps)]
+        for t in range(len(schedule) + 1):
+            idx = active.nonzero()[:, 0]
+            if idx.numel() == 0:
                 break
-            step_len = self.cfg.lr * eps
-            for step in range(self.cfg.steps + 1):
-                idx = active.nonzero()[:, 0]
-                if idx.numel() == 0:
-                    break
-                sub = batch.select(idx)
-                cols = slice(p - sub.input_ids.shape[1], p)
-                d = delta[idx, cols].clone().requires_grad_(True)
-                logits, seen_att = self._forward(sub, d, grad=True)
-                b = self.task.behavior(logits, sub)
-                reads = self._readouts(seen_att)
-                b = b.detach()
-                newly = b > 0
-                last = step == self.cfg.steps
-                for r, i in enumerate(idx.tolist()):
-                    if newly[r] or (last and eps == self.cfg.eps[-1]):
-                        finish(i, float(b[r]), bool(newly[r]), eps if newly[r] else None, reads, r)
-                        active[i] = False
-                        bar.update(1)
-                if last or bool(newly.all()):
-                    break
-                loss = self.task.attack_loss(logits, sub)[~newly].sum()
-                loss.backward()
-                keep = ~newly
-                rows, g = idx[keep], d.grad[keep]
-                steps_used[rows] += 1
-                hn = h_norm[rows, cols]
-                if self.cfg.optimizer == "adam":
-                    direction = adam.direction(rows, cols, g)
-                    direction = direction / math.sqrt(self.model.d_model)
-                else:
-                    direction = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                new = delta[rows, cols] - step_len * hn[..., None] * direction
-                delta[rows, cols] = self.project(new, hn, pos_mask[rows, cols], eps)
-                bar.set_postfix(eps=eps, step=step + 1, active=int(active.sum()))
+            sub = batch.select(idx)
+            cols = slice(p - sub.input_ids.shape[1], p)
+            d = delta[idx, cols].clone().requires_grad_(True)
+            logits, seen_att = self._forward(sub, d, grad=True)
+            b = self.task.behavior(logits, sub).detach()
+            reads = self._readouts(seen_att)
+            newly = b > 0
+            final = t == len(schedule)
+            budget = schedule[t - 1] if t > 0 else self.cfg.eps[0]
+            for r, i in enumerate(idx.tolist()):
+                if newly[r] or final:
+                    finish(i, float(b[r]), bool(newly[r]), budget if newly[r] else None, reads, r)
+                    active[i] = False
+                    bar.update(1)
+            if final or bool(newly.all()):
+                break
+            eps = schedule[t]
+            self.task.attack_loss(logits, sub)[~newly].sum().backward()
+            keep = ~newly
+            rows, g = idx[keep], d.grad[keep]
+            steps_used[rows] += 1
+            hn = h_norm[rows, cols]
+            if self.cfg.optimizer == "adam":
+                direction = adam.direction(rows, cols, g) / math.sqrt(self.model.d_model)
+            else:
+                direction = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            new = delta[rows, cols] - self.cfg.lr * eps * hn[..., None] * direction
+            delta[rows, cols] = self.project(new, hn, pos_mask[rows, cols], eps)
+            bar.set_postfix(eps=eps, step=t + 1, active=int(active.sum()))
         return [done[i] for i in sorted(done)]
 
 

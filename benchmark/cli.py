@@ -1,4 +1,4 @@
-"""Command line: ``benchmark evaluate | leaderboard | defenses | tasks | train-saes``."""
+"""Command line: ``benchmark evaluate | validate | leaderboard | defenses | tasks | train-saes``."""
 
 from __future__ import annotations
 
@@ -42,22 +42,29 @@ def _csv(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
-def cmd_evaluate(args) -> None:
+def cmd_evaluate(args) -> int | None:
     import torch
 
+    from benchmark import submissions
     from benchmark.attack import AttackConfig
     from benchmark.engine import evaluate
     from benchmark.models import load_model
     from defenses import DEFENSES
+    from defenses.base import check_params
     from tasks import TASKS
 
-    DEFENSES.get(args.defense)  # fail on a bad name before the model loads
     for t in args.tasks:
         TASKS.get(t)
     params = _parse_params(args.param)
     cfgs = [AttackConfig(mode=m, eps=args.eps, steps=args.steps, lr=args.lr, positions=args.positions,
                          optimizer=args.optimizer, seed=args.seed, batch_size=args.batch_size, layer=args.attack_layer)
             for m in args.attack]
+    if submissions.is_submission_ref(args.defense):
+        sub = submissions.active(args.defense)
+        if sub is None:  # run the submitted code in a child process with a time limit; it comes back here
+            return submissions.evaluate_in_child(args.defense, args.argv, args.timeout)
+        args.defense, params = sub.name, {**sub.params(), **params}
+    check_params(DEFENSES.get(args.defense), params)  # fail on a bad name or parameter before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -96,6 +103,14 @@ def cmd_tasks(args) -> None:
         print(f"{name:24s} {cls.description}")
 
 
+def cmd_validate(args) -> None:
+    from benchmark.submissions import validate_in_child
+
+    print(f"validating {args.folder} (this runs the submission's code in a child process)", flush=True)
+    for line in validate_in_child(args.folder, args.timeout):
+        print(f"   {line}")
+
+
 def cmd_train_saes(args) -> None:
     from benchmark.sae_training import TrainConfig, train_reference_saes
 
@@ -109,13 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmark.attack import ATTACK_MODES, OPTIMIZERS, POSITIONS, AttackConfig
     from benchmark.models import DEFAULT_MODEL
     from benchmark.records import RECORDS_DIR
+    from benchmark.submissions import EVALUATE_TIMEOUT, VALIDATE_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="benchmark", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     default = AttackConfig()
 
     ev = sub.add_parser("evaluate", help="run a defense against task suites and the recovery attacker")
-    ev.add_argument("--defense", required=True, help="registered defense name (see `benchmark defenses`)")
+    ev.add_argument("--defense", required=True,
+                    help="registered defense name (see `benchmark defenses`) or a submission folder "
+                         "(submissions/<name>; runs its code in a child process)")
     ev.add_argument("--tasks", type=_csv, default=["ioi"], help="comma-separated suites (see `benchmark tasks`)")
     ev.add_argument("--model", default=DEFAULT_MODEL, help="registered model name or a local HF model folder")
     ev.add_argument("--attack", type=_csv, default=[default.mode],
@@ -134,7 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--records-dir", default=str(RECORDS_DIR))
     ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--timeout", type=float, default=EVALUATE_TIMEOUT,
+                    help="time limit in seconds for a submission's child process")
     ev.set_defaults(func=cmd_evaluate)
+
+    va = sub.add_parser("validate", help="check a submitted defense (runs its code in a child process)")
+    va.add_argument("folder", help="submission folder, e.g. submissions/decoder_span_ablation")
+    va.add_argument("--timeout", type=float, default=VALIDATE_TIMEOUT, help="time limit in seconds")
+    va.set_defaults(func=cmd_validate)
 
     lb = sub.add_parser("leaderboard", help="regenerate leaderboard/README.md from the run records")
     lb.add_argument("--records-dir", default=str(RECORDS_DIR))
@@ -160,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at run time; avoids 30 s of retries per look-up
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
-        args.func(args)
+        return args.func(args) or 0
     except BenchmarkError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

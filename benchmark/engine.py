@@ -3,7 +3,9 @@ recovered ones, measure side effects, and write the run record."""
 
 from __future__ import annotations
 
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,6 +48,15 @@ def defense_edit_size(model: LoadedModel, defense: Defense, batch: PromptBatch, 
     return sum((num / den) ** 0.5 for num, den in ratios.values()) / len(ratios)
 
 
+@contextmanager
+def _phase(name: str, show: bool):
+    """Print how long a phase of the run took (to stderr, beside the progress bars)."""
+    t0 = time.time()
+    yield
+    if show:
+        print(f"  {name}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
 def evaluate(
     model: LoadedModel,
     defense_name: str,
@@ -62,12 +73,12 @@ def evaluate(
     torch.manual_seed(attack_cfg.seed)
     task = TASKS.get(task_name)(model.tokenizer)
     defense = DEFENSES.get(defense_name).create(**(defense_params or {}))
-    ctx = FitContext(model, task, sae_dir)
-    defense.fit(ctx)
-
+    with _phase("fit defense", progress):
+        defense.fit(FitContext(model, task, sae_dir))
     test = task.encode(task.examples("test"))
-    b_base = behavior_scores(model, task, test, None)
-    b_def = behavior_scores(model, task, test, defense)
+    with _phase("score base and defended", progress):
+        b_base = behavior_scores(model, task, test, None)
+        b_def = behavior_scores(model, task, test, defense)
     valid = (b_base > 0) & (b_def <= 0)
     flip_idx = valid.nonzero()[:, 0]
     flips = test.select(flip_idx)
@@ -79,7 +90,8 @@ def evaluate(
     if rec_rows:
         rec_batch = flips.select(rec_rows)
         delta = stack_deltas(rec_batch, [outcomes[i].delta for i in rec_rows])
-        replays = replay_parts(model, defense, task, rec_batch, delta, attack.layer)
+        with _phase("path replay", progress):
+            replays = replay_parts(model, defense, task, rec_batch, delta, attack.layer)
     replay_of = {}
     if replays is not None:
         for j, i in enumerate(rec_rows):
@@ -106,8 +118,10 @@ def evaluate(
         replay_rates = {"residual": sum(v["residual_replay"] for v in replay_of.values()) / n,
                         "latent": sum(v["latent_replay"] for v in replay_of.values()) / n}
     control = task.control_batch()
-    side_effect = next_token_kl(model, control, lambda part: defense_edits(defense, part)) if defense.sites else 0.0
-    counts, metrics = summarize(rows, side_effect, defense_edit_size(model, defense, test), replay_rates)
+    with _phase("side effect and edit size", progress):
+        side_effect = next_token_kl(model, control, lambda part: defense_edits(defense, part)) if defense.sites else 0.0
+        edit_size = defense_edit_size(model, defense, test)
+    counts, metrics = summarize(rows, side_effect, edit_size, replay_rates)
     h_norms = [o.h_norm_mean for o in outcomes]
     eps_rel = attack_cfg.eps[-1]
     record = {

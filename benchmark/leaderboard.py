@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def render(records: list[tuple[Path, dict]], out_dir: Path = LEADERBOARD_DIR) ->
                     _pct(m["reactivation"]), _num(m["side_effect"]), _num(m.get("defense_edit_rel")),
                     f"{c['valid_flips']} of {c['base_behavior']}",
                     r["provenance"]["git_commit"][:10] + (" (dirty)" if r["provenance"]["git_dirty"] else ""),
-                    f"[json]({path.relative_to(out_dir).as_posix()})",
+                    f"[json]({Path(os.path.relpath(path, out_dir)).as_posix()})",
                 ])
         lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
     return "\n".join(lines)

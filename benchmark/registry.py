@@ -27,7 +27,9 @@ class Registry(Generic[T]):
             if name in self._items and self._items[name] is not obj:
                 raise BenchmarkError(f"{self.kind} '{name}' is already registered by {self._items[name]!r}")
             self._items[name] = obj
-            if getattr(obj, "name", None) in (None, ""):
+            # a class's own name only: a subclass of a registered class must not inherit its parent's name
+            own = vars(obj).get("name") if isinstance(obj, type) else getattr(obj, "name", None)
+            if own in (None, ""):
                 setattr(obj, "name", name)
             return obj
 

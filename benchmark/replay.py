@@ -1,10 +1,12 @@
 """Path attribution by replay: which part of the attack's change at the attacked site carries the recovery.
 
-The change of the defended site output, ``D(h + delta) - D(h)``, splits exactly into three parts through the
-SAE at that site: the non-defended latents (``(z_att - z_def)[~F] @ W_dec[~F]``), the defended latents (their
-defended values' change, zero for a constant clamp) and the SAE error term (``e_att - e_def``). Each part is
-replayed alone: a real forward pass with the defense active everywhere and the part added to the defended
-output at the site; the replay recovers when the behavior score is positive.
+The attack's change of the residual at the site, ``delta = (h + delta) - h``, splits exactly into three parts
+through the SAE at that site: the non-defended latents (``(z_att - z_def)[~F] @ W_dec[~F]``), the defended
+latents (``(z_att - z_def)[F] @ W_dec[F]``) and the SAE error term (``e_att - e_def``), where ``z`` and ``e`` are
+the SAE's latents and error on the undefended inputs ``h`` and ``h + delta``. Each part is replayed alone: a
+real forward pass in which the part is added to the residual *before* the defense acts there (the order the
+threat model fixes for ``delta``) and the defense is active at every site; the replay recovers when the
+behavior score is positive. A defense that removes the error channel therefore also removes the error replay.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor
 
 from benchmark.attack import defense_edits
-from benchmark.forward import run_edited, capture, compose
+from benchmark.forward import add, capture, compose, run_edited
 from benchmark.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
@@ -28,6 +30,22 @@ def stack_deltas(batch: PromptBatch, deltas: list[Tensor]) -> Tensor:
     return out
 
 
+def split_delta(sae, feats: Tensor, h: Tensor, delta: Tensor, token_mask: Tensor) -> dict[str, Tensor]:
+    """``delta`` [b, p, d] as ``error + latent + defended`` parts through the SAE (exact, up to float error)."""
+    mask = token_mask[..., None].float()
+    z_def, z_att = sae.encode(h), sae.encode(h + delta)
+    e_def, e_att = h - sae.decode(z_def), (h + delta) - sae.decode(z_att)
+    latent_change = z_att - z_def
+    defended_change = torch.zeros_like(latent_change)
+    defended_change[..., feats] = latent_change[..., feats]
+    latent_change[..., feats] = 0
+    return {
+        "error": (e_att - e_def) * mask,
+        "latent": (latent_change @ sae.W_dec) * mask,
+        "defended": (defended_change @ sae.W_dec) * mask,
+    }
+
+
 @torch.no_grad()
 def replay_parts(model: LoadedModel, defense: Defense, task: TaskSuite, batch: PromptBatch, delta: Tensor,
                  layer: int) -> dict[str, Tensor] | None:
@@ -40,22 +58,10 @@ def replay_parts(model: LoadedModel, defense: Defense, task: TaskSuite, batch: P
     edits = defense_edits(defense, batch)
     edits[layer] = compose(capture(seen, layer), edits.get(layer))
     run_edited(model, batch, edits)
-    h = seen[layer]
-    mask = batch.token_mask[..., None].float()
-    z_def, z_att = sae.encode(h), sae.encode(h + delta)
-    e_def, e_att = h - sae.decode(z_def), (h + delta) - sae.decode(z_att)
-    out_change = defense.edit(layer, h + delta, batch.token_mask) - defense.edit(layer, h, batch.token_mask)
-    latent_change = (z_att - z_def)
-    latent_change[..., feats] = 0
-    parts = {
-        "error": (e_att - e_def) * mask,
-        "latent": (latent_change @ sae.W_dec) * mask,
-    }
-    parts["defended"] = out_change - parts["error"] - parts["latent"]
+    parts = split_delta(sae, feats, seen[layer], delta, batch.token_mask)
     scores = {}
     for name, part in parts.items():
         replay = defense_edits(defense, batch)
-        base_edit = replay.get(layer)
-        replay[layer] = (lambda x, e=base_edit, part=part: (e(x) if e else x) + part)
+        replay[layer] = compose(add(part), replay.get(layer))
         scores[name] = task.behavior(run_edited(model, batch, replay), batch)
     return scores

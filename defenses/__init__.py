@@ -2,5 +2,10 @@
 
 from defenses.base import DEFENSES, Defense, FitContext, SAEFeatureDefense
 from defenses import sae_clamp as _sae_clamp  # noqa: F401  (registers "sae_clamp")
+from defenses import multi_layer_clamp as _multi_layer_clamp  # noqa: F401  (registers "multi_layer_clamp")
+from defenses import sae_reconstruct_clamp as _sae_reconstruct_clamp  # noqa: F401  ("sae_reconstruct_clamp")
+from defenses import error_projection_clamp as _error_projection_clamp  # noqa: F401  ("error_projection_clamp")
+from defenses import directional_ablation as _directional_ablation  # noqa: F401  ("directional_ablation")
+from defenses import none as _none  # noqa: F401  (registers "none")
 
 __all__ = ["DEFENSES", "Defense", "FitContext", "SAEFeatureDefense"]

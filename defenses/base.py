@@ -9,6 +9,8 @@ and the directions the encoder constraint C1 must avoid.
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from benchmark import sae_math
+from benchmark.errors import BenchmarkError
 from benchmark.models import LoadedModel
 from benchmark.registry import Registry
 from benchmark.saes import LoadedSAE, load_sae
@@ -41,6 +44,13 @@ class FitContext:
     def fit_batch(self) -> PromptBatch:
         return self.task.encode(self.task.examples("fit"))
 
+    def default_layer(self) -> int:
+        """The layer a single-site defense uses when none is given: the model's reference SAE layer, or the
+        middle block for a model folder without a registered spec."""
+        if self.model.spec is not None:
+            return self.model.spec.sae_source.default_layer
+        return self.model.n_layers // 2
+
 
 class Defense(ABC):
     name: ClassVar[str]
@@ -49,18 +59,12 @@ class Defense(ABC):
 
     @classmethod
     def create(cls, **overrides) -> "Defense":
-        """Build with the constructor defaults updated by ``overrides``; ``params`` keeps every argument."""
-        sig = inspect.signature(cls.__init__)
-        params = {n: p.default for n, p in sig.parameters.items() if n != "self" and p.default is not p.empty}
-        unknown = set(overrides) - set(params)
-        if unknown:
-            from benchmark.errors import BenchmarkError
+        """Build with the constructor defaults updated by ``overrides``; ``params`` keeps every argument.
 
-            raise BenchmarkError(
-                f"defense '{cls.name}' has no parameter {', '.join(sorted(unknown))} "
-                f"(parameters: {', '.join(params) or 'none'})"
-            )
-        params.update(overrides)
+        Unknown names, missing required arguments and values that do not match the constructor's annotations
+        (or, unannotated, the type of its default) are rejected with a :class:`BenchmarkError`.
+        """
+        params = check_params(cls, overrides)
         obj = cls(**params)
         obj.params = params
         return obj
@@ -135,6 +139,106 @@ class SAEFeatureDefense(Defense):
 
     def saes_used(self) -> list[LoadedSAE]:
         return [sae for _, (sae, _) in sorted(self.chosen.items())]
+
+
+def _constructor_parameters(cls: type) -> tuple[dict[str, inspect.Parameter], bool]:
+    """Named constructor parameters (without ``self``), and whether it also takes ``**kwargs``."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    named = {p.name: p for p in params if p.kind not in skip}
+    return named, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _annotations(cls: type) -> dict:
+    """Resolved constructor annotations (string annotations evaluated in the defining module); {} if they
+    cannot be resolved, in which case defaults' types are used."""
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation only disables the type check
+        return {}
+
+
+def _type_name(ann) -> str:
+    if ann is type(None):
+        return "null"
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(ann))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    if origin is not None:
+        args = typing.get_args(ann)
+        inner = ", ".join(_type_name(a) for a in args if a is not Ellipsis)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]" if inner else getattr(origin, "__name__", str(origin))
+    return getattr(ann, "__name__", str(ann))
+
+
+def _matches(value, ann) -> bool:
+    """Whether a JSON-like ``value`` fits annotation ``ann`` (lenient where the annotation is not a plain type)."""
+    if ann is typing.Any or ann is inspect.Parameter.empty:
+        return True
+    if ann is type(None) or ann is None:
+        return value is None
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, set, frozenset) or ann in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin is dict or ann is dict:
+        return isinstance(value, dict) and (len(args) < 2 or all(_matches(v, args[1]) for v in value.values()))
+    if ann is bool:
+        return isinstance(value, bool)
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ann is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(ann, type):
+        return isinstance(value, ann)
+    return True
+
+
+def check_params(cls: type, overrides: dict) -> dict:
+    """Constructor arguments of defense ``cls``: its defaults updated by ``overrides``, checked by name and type.
+
+    Types come from the constructor's annotations; an unannotated parameter must match the type of its default
+    (unless the default is None). Raises :class:`BenchmarkError` with one line naming the first problem.
+    """
+    name = getattr(cls, "name", cls.__name__)
+    named, any_keyword = _constructor_parameters(cls)
+    unknown = set() if any_keyword else set(overrides) - set(named)
+    if unknown:
+        raise BenchmarkError(
+            f"defense '{name}' has no parameter {', '.join(sorted(unknown))} "
+            f"(parameters: {', '.join(named) or 'none'})"
+        )
+    params = {n: p.default for n, p in named.items() if p.default is not p.empty}
+    params.update(overrides)
+    missing = [n for n in named if n not in params]
+    if missing:
+        raise BenchmarkError(f"defense '{name}' needs parameter {', '.join(missing)} (pass it with -D {missing[0]}=...)")
+    hints = _annotations(cls)
+    for n, value in params.items():
+        if n not in named:  # taken by **kwargs: nothing to check against
+            continue
+        ann = hints.get(n, inspect.Parameter.empty)
+        if ann is inspect.Parameter.empty:
+            default = named[n].default
+            if default is named[n].empty or default is None:
+                continue
+            ann = float if isinstance(default, float) else type(default)
+        if not _matches(value, ann):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise BenchmarkError(
+                f"parameter '{n}' of defense '{name}' must be {_type_name(ann)}, got {type(value).__name__} {shown}"
+            )
+    return params
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", entry_point_group="sae_recovery_benchmark.defenses")

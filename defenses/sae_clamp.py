@@ -1,4 +1,9 @@
-"""Single-layer SAE clamp: the standard latent-space defense this benchmark puts under attack."""
+"""Single-layer SAE clamp: the standard latent-space defense this benchmark puts under attack.
+
+The clamp arithmetic (:func:`clamp_values`, :func:`clamp_change`) and the feature choice (:meth:`SAEClamp.choose`)
+live here once; ``multi_layer_clamp``, ``sae_reconstruct_clamp`` and ``error_projection_clamp`` subclass
+:class:`SAEClamp` and change only where it clamps or what it does with the SAE error term.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,41 @@ from torch import Tensor
 
 from benchmark import sae_math
 from benchmark.errors import BenchmarkError
+from benchmark.saes import LoadedSAE
 from defenses.base import DEFENSES, FitContext, SAEFeatureDefense, top_attributed_features
 
 MODES = ("zero", "negative", "multiply", "set")
+
+
+def check_clamp(name: str, k: int, mode: str, value: float) -> None:
+    """Reject clamp settings that make no sense, with one line naming the defense."""
+    if mode not in MODES:
+        raise BenchmarkError(f"{name} mode '{mode}' is not one of {', '.join(MODES)}")
+    if mode == "negative" and value >= 0:
+        raise BenchmarkError(f"{name} mode 'negative' needs value < 0, got {value}")
+    if k < 1:
+        raise BenchmarkError(f"{name} needs k >= 1, got {k}")
+
+
+def clamp_values(acts: Tensor, mode: str, value: float) -> Tensor:
+    """Defended latent values from their undefended activations [..., n]."""
+    if mode == "zero":
+        return torch.zeros_like(acts)
+    if mode == "negative":
+        return torch.where(acts > 0, torch.full_like(acts, value), acts)
+    if mode == "multiply":
+        return acts * value
+    return torch.full_like(acts, value)
+
+
+def clamp_change(sae, feats: Tensor, h: Tensor, token_mask: Tensor, mode: str, value: float) -> Tensor:
+    """Residual change [b, p, d] of the clamp: ``(a' - a) W_dec[F]`` at the positions ``token_mask`` allows.
+
+    ``h + clamp_change(...)`` is the SAE reconstruction with the clamped latents plus the unchanged error term.
+    """
+    acts = sae_math.activations(sae, sae_math.preacts(sae, h, feats), feats)
+    change = (clamp_values(acts, mode, value) - acts) * token_mask[..., None]
+    return change @ sae_math.decoder_rows(sae, feats)
 
 
 @DEFENSES.register("sae_clamp")
@@ -35,37 +72,32 @@ class SAEClamp(SAEFeatureDefense):
         features: list[int] | None = None,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise BenchmarkError(f"sae_clamp mode '{mode}' is not one of {', '.join(MODES)}")
-        if mode == "negative" and value >= 0:
-            raise BenchmarkError(f"sae_clamp mode 'negative' needs value < 0, got {value}")
-        if k < 1:
-            raise BenchmarkError(f"sae_clamp needs k >= 1, got {k}")
+        check_clamp(self.name, k, mode, value)
         self.layer, self.k, self.mode, self.value, self.features = layer, k, mode, float(value), features
 
-    def fit(self, ctx: FitContext) -> None:
-        layer = self.layer if self.layer is not None else ctx.model.spec.sae_source.default_layer
+    def choose(self, ctx: FitContext, layer: int, features: list[int] | None) -> tuple[LoadedSAE, Tensor]:
+        """The SAE at ``layer`` and the latents to clamp there: ``features`` if given, else the top-k attributed."""
         sae = ctx.sae(layer)
-        if self.features is not None:
-            feats = torch.tensor(sorted(self.features), dtype=torch.long)
+        if features is not None:
+            feats = torch.tensor(sorted(features), dtype=torch.long)
             if feats.numel() == 0 or int(feats.max()) >= sae.sae.cfg.d_sae or int(feats.min()) < 0:
                 raise BenchmarkError(f"features must lie in 0..{sae.sae.cfg.d_sae - 1}")
         else:
             feats = top_attributed_features(ctx, layer, self.k)
-        self.chosen = {layer: (sae, feats)}
+        return sae, feats
+
+    def fit(self, ctx: FitContext) -> None:
+        layer = self.layer if self.layer is not None else ctx.default_layer()
+        self.chosen = {layer: self.choose(ctx, layer, self.features)}
 
     def clamped(self, acts: Tensor) -> Tensor:
         """Defended latent values from their undefended activations [..., n]."""
-        if self.mode == "zero":
-            return torch.zeros_like(acts)
-        if self.mode == "negative":
-            return torch.where(acts > 0, torch.full_like(acts, self.value), acts)
-        if self.mode == "multiply":
-            return acts * self.value
-        return torch.full_like(acts, self.value)
+        return clamp_values(acts, self.mode, self.value)
+
+    def clamp_change(self, layer: int, h: Tensor, token_mask: Tensor) -> Tensor:
+        """The clamp's residual change at ``layer`` (see :func:`clamp_change`)."""
+        sae, feats = self.chosen[layer]
+        return clamp_change(sae.sae, feats, h, token_mask, self.mode, self.value)
 
     def edit(self, layer: int, h: Tensor, token_mask: Tensor) -> Tensor:
-        sae, feats = self.chosen[layer]
-        acts = sae_math.activations(sae.sae, sae_math.preacts(sae.sae, h, feats), feats)
-        change = (self.clamped(acts) - acts) * token_mask[..., None]
-        return h + change @ sae_math.decoder_rows(sae.sae, feats)
+        return h + self.clamp_change(layer, h, token_mask)

@@ -74,3 +74,17 @@ def test_recovered_examples_really_recover_with_defense_active(tiny_model, ioi, 
         b = ioi.behavior(run_edited(tiny_model, sub, edits), sub)
     assert (b > 0).all()
     assert all(o.steps_used >= 1 for o in rec)
+
+
+def test_replay_parts_sum_to_delta(tiny_model, ioi, fitted_clamp):
+    from benchmark.replay import split_delta
+
+    flips = _valid_flips(tiny_model, ioi, fitted_clamp)
+    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=5)).run(flips, progress=False)
+    h = _site_input(tiny_model, fitted_clamp, flips, 2)
+    delta = stack_deltas(flips, [o.delta for o in outcomes])
+    sae, feats = fitted_clamp.sae_at(2)
+    parts = split_delta(sae.sae, feats, h, delta, flips.token_mask)
+    total = parts["error"] + parts["latent"] + parts["defended"]
+    assert torch.allclose(total, delta, atol=1e-4 * float(delta.abs().max()))
+    assert parts["latent"].abs().max() > 0 and parts["error"].abs().max() > 0

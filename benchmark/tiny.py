@@ -1,0 +1,73 @@
+"""Tiny offline stand-ins: a random 4-layer Llama, a word-level tokenizer over the IOI data's words, and random
+JumpReLU SAEs at every layer. Nothing is downloaded and nothing is trained.
+
+The tests build them once per session; ``benchmark validate`` builds them in a temporary folder to run a
+submitted defense end to end in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+IOI_DATA = Path(__file__).resolve().parent.parent / "tasks" / "ioi" / "data" / "ioi.json"
+D_MODEL, D_SAE, N_LAYERS = 64, 256, 4
+
+
+def _vocab() -> list[str]:
+    data = json.loads(IOI_DATA.read_text())
+    words = set()
+    for split in data["splits"].values():
+        for ex in split:
+            words.update(re.findall(r"\w+|[^\w\s]+", ex["prompt"]))
+    for c in data["control"]:
+        words.update(re.findall(r"\w+|[^\w\s]+", c["text"]))
+    return ["[PAD]", "[UNK]", "[EOS]"] + sorted(words)
+
+
+def build_tiny_model(folder: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = _vocab()
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=N_LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger embeddings so the random model has non-trivial logit differences
+        model.model.embed_tokens.weight.mul_(50)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+
+
+def build_tiny_saes(folder: Path, d_in: int = D_MODEL, layers=range(N_LAYERS), seed: int = 0) -> None:
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    for layer in layers:
+        torch.manual_seed(seed + layer)
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=D_SAE))
+        with torch.no_grad():
+            w = torch.randn(d_in, D_SAE) / d_in**0.5
+            sae.W_enc.copy_(w)
+            sae.W_dec.copy_(w.T / w.T.norm(dim=-1, keepdim=True))
+            sae.b_enc.zero_()
+            sae.b_dec.zero_()
+            sae.threshold.fill_(0.05)
+        sae.save_model(folder / f"layer_{layer}")
+
+
+def build_tiny(root: Path) -> Path:
+    """``root/model`` (the tiny Llama and its tokenizer) and ``root/saes/layer_<L>/``; returns ``root``."""
+    root = Path(root)
+    build_tiny_model(root / "model")
+    build_tiny_saes(root / "saes")
+    return root

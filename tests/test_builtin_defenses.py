@@ -1,0 +1,204 @@
+"""The built-in defenses beyond sae_clamp do what their docstrings say, and each runs through the engine."""
+
+import pytest
+import torch
+
+from benchmark.attack import AttackConfig, defense_edits
+from benchmark.cli import main
+from benchmark.engine import behavior_scores, evaluate
+from benchmark.errors import BenchmarkError
+from benchmark.forward import capture, run_edited
+from benchmark.records import load_record, validate_record
+from defenses import DEFENSES, FitContext
+from defenses.sae_clamp import SAEClamp
+
+FEATS = [3, 17, 40, 99]
+BUILT_INS = ["directional_ablation", "error_projection_clamp", "multi_layer_clamp", "none", "sae_clamp",
+             "sae_reconstruct_clamp"]
+
+
+def _fit(tiny_model, tiny_dir, ioi, name, **params):
+    d = DEFENSES.get(name).create(**params)
+    d.fit(FitContext(tiny_model, ioi, tiny_dir / "saes"))
+    return d
+
+
+def _h_and_mask():
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 64) * 3
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[:, 0] = False
+    return h, mask
+
+
+def test_every_builtin_is_registered_under_its_own_name(capsys):
+    assert set(BUILT_INS) <= set(DEFENSES.names())
+    for name in BUILT_INS:
+        cls = DEFENSES.get(name)
+        assert cls.name == name, "a subclass must not inherit its parent's registered name"
+        assert cls.version and cls.description and cls.__doc__
+    assert main(["defenses"]) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    for name in BUILT_INS:
+        assert DEFENSES.get(name).description in listed[name]
+
+
+def test_multi_layer_clamp_clamps_each_layer(tiny_model, tiny_dir, ioi):
+    d = _fit(tiny_model, tiny_dir, ioi, "multi_layer_clamp", layers=[1, 2, 3], mode="set", value=1.5,
+             features=[FEATS, FEATS[:2], [5]])
+    assert d.sites == [1, 2, 3]
+    assert type(d).edit is SAEClamp.edit, "the clamp is sae_clamp's, not a copy"
+    assert [e["features"] for e in d.defended()] == [FEATS, FEATS[:2], [5]]
+    h, mask = _h_and_mask()
+    for layer in d.sites:
+        sae, feats = d.sae_at(layer)
+        sae = sae.sae
+        z = sae.encode(h)
+        clamped = z.clone()
+        clamped[..., feats] = 1.5
+        want = sae.decode(clamped) + (h - sae.decode(z))
+        got = d.edit(layer, h, mask)
+        assert torch.allclose(got[:, 1:], want[:, 1:], atol=1e-4), f"layer {layer}: clamped latents take the value"
+        assert torch.equal(got[:, 0], h[:, 0])
+
+
+def test_multi_layer_clamp_fits_k_features_per_layer_and_checks_params(tiny_model, tiny_dir, ioi):
+    d = _fit(tiny_model, tiny_dir, ioi, "multi_layer_clamp", layers=[1, 3], k=4, value=-4.0)
+    assert d.sites == [1, 3] and all(len(set(e["features"])) == 4 for e in d.defended())
+    with pytest.raises(BenchmarkError, match="one feature list per layer"):
+        DEFENSES.get("multi_layer_clamp").create(layers=[1, 2], features=[[1]])
+    with pytest.raises(BenchmarkError, match="multi_layer_clamp mode 'nope'"):
+        DEFENSES.get("multi_layer_clamp").create(mode="nope")
+    assert DEFENSES.get("multi_layer_clamp").create().params["layers"] == [8, 12, 16]
+    with pytest.raises(BenchmarkError, match="layer 7 is out of range"):
+        _fit(tiny_model, tiny_dir, ioi, "multi_layer_clamp", layers=[1, 7], k=4, value=-4.0)
+
+
+@pytest.mark.parametrize("mode,value", [("zero", 0.0), ("negative", -3.0)])
+def test_sae_reconstruct_clamp_output_is_the_reconstruction_without_error_term(tiny_model, tiny_dir, ioi, mode, value):
+    d = _fit(tiny_model, tiny_dir, ioi, "sae_reconstruct_clamp", layer=2, features=FEATS, mode=mode, value=value)
+    sae = d.sae_at(2)[0].sae
+    h, mask = _h_and_mask()
+    z = sae.encode(h)
+    clamped = z.clone()
+    a = z[..., FEATS]
+    clamped[..., FEATS] = torch.zeros_like(a) if mode == "zero" else torch.where(a > 0, torch.full_like(a, value), a)
+    got = d.edit(2, h, mask)
+    assert torch.allclose(got[:, 1:], sae.decode(clamped)[:, 1:], atol=1e-6, rtol=0)
+    assert torch.equal(got[:, 0], h[:, 0])
+    # the only difference from sae_clamp is the error term it drops
+    ref = _fit(tiny_model, tiny_dir, ioi, "sae_clamp", layer=2, features=FEATS, mode=mode, value=value)
+    error = h - sae.decode(z)
+    assert error[:, 1:].norm() > 1.0
+    assert torch.allclose((ref.edit(2, h, mask) - got)[:, 1:], error[:, 1:], atol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["decoder_sum", "decoder_span"])
+def test_error_projection_clamp_removes_the_behavior_direction_from_the_error_term(tiny_model, tiny_dir, ioi,
+                                                                                   direction):
+    d = _fit(tiny_model, tiny_dir, ioi, "error_projection_clamp", layer=2, features=FEATS, mode="zero",
+             direction=direction)
+    sae = d.sae_at(2)[0].sae
+    rows = sae.W_dec[FEATS]
+    basis = d.error_basis[2]
+    if direction == "decoder_sum":
+        r = rows.sum(0) / rows.sum(0).norm()
+        assert basis.shape == (64, 1) and torch.allclose(basis[:, 0], r, atol=1e-6)
+    else:
+        assert basis.shape == (64, len(FEATS))
+        assert torch.allclose(rows - (rows @ basis) @ basis.T, torch.zeros_like(rows), atol=1e-5)
+    h, mask = _h_and_mask()
+    z = sae.encode(h)
+    clamped = z.clone()
+    clamped[..., FEATS] = 0.0
+    error = h - sae.decode(z)
+    got = d.edit(2, h, mask)
+    kept_error = got - sae.decode(clamped)  # the error term the edit lets through
+    assert (kept_error[:, 1:] @ basis).abs().max() < 1e-4, "no error component along the behavior direction"
+    assert (error[:, 1:] @ basis).abs().max() > 0.1, "the undefended error term had one"
+    along = (error @ basis) @ basis.T
+    assert torch.allclose(kept_error[:, 1:], (error - along)[:, 1:], atol=1e-4), "the rest of the error is kept"
+    assert torch.equal(got[:, 0], h[:, 0])
+    with pytest.raises(BenchmarkError, match="direction 'mean'"):
+        DEFENSES.get("error_projection_clamp").create(direction="mean")
+
+
+def _mean_residual(model, batch, layer):
+    seen = {}
+    with torch.no_grad():
+        run_edited(model, batch, {layer: capture(seen, layer)})
+    m = batch.token_mask
+    return seen[layer][m].mean(0)
+
+
+def test_directional_ablation_ablates_the_difference_of_means(tiny_model, tiny_dir, ioi):
+    d = _fit(tiny_model, tiny_dir, ioi, "directional_ablation", layer=2)
+    diff = _mean_residual(tiny_model, ioi.encode(ioi.examples("fit")), 2) - _mean_residual(tiny_model, ioi.control_batch(), 2)
+    r = diff / diff.norm()
+    assert torch.allclose(d.direction, r, atol=1e-5)
+    assert d.sites == [2] and d.sae_at(2) is None and d.saes_used() == []
+    assert d.defended() == [{"site": {"layer": 2, "hook": "resid_post"}, "features": []}]
+    h, mask = _h_and_mask()
+    out = d.edit(2, h, mask)
+    assert (out[:, 1:] @ r).abs().max() < 1e-5
+    assert (h[:, 1:] @ r).abs().max() > 0.1
+    assert torch.equal(out[:, 0], h[:, 0]), "position 0 (the attention sink) is untouched"
+    assert torch.allclose(out - h, -(h @ r)[..., None] * r * mask[..., None], atol=1e-5)
+    assert d.readouts(2, h).shape == (3, 5, 1) and torch.allclose(d.readouts(2, h)[..., 0], h @ d.direction)
+    pre = d.readouts(2, h)
+    assert torch.equal(d.readout_activations(2, pre), pre)
+    assert torch.equal(d.protected_directions(2), d.direction[None])
+
+
+def test_directional_ablation_behavior_contrast_uses_the_fit_split_only(tiny_model, tiny_dir, ioi):
+    fit = ioi.encode(ioi.examples("fit"))
+    b = behavior_scores(tiny_model, ioi, fit, None)
+    has = b > 0
+    assert has.any() and not has.all(), "the tiny model gives both kinds of fit examples"
+    d = _fit(tiny_model, tiny_dir, ioi, "directional_ablation", layer=1, contrast="behavior")
+    diff = (_mean_residual(tiny_model, fit.select(has.nonzero()[:, 0]), 1)
+            - _mean_residual(tiny_model, fit.select((~has).nonzero()[:, 0]), 1))
+    assert torch.allclose(d.direction, diff / diff.norm(), atol=1e-4)
+    with pytest.raises(BenchmarkError, match="contrast 'other'"):
+        DEFENSES.get("directional_ablation").create(contrast="other")
+
+
+def test_none_defense_changes_nothing(tiny_model, tiny_dir, ioi):
+    d = _fit(tiny_model, tiny_dir, ioi, "none")
+    assert d.sites == [] and d.defended() == [] and d.saes_used() == []
+    batch = ioi.encode(ioi.examples("test"))
+    assert defense_edits(d, batch) == {}
+    assert torch.equal(behavior_scores(tiny_model, ioi, batch, d), behavior_scores(tiny_model, ioi, batch, None))
+    h, mask = _h_and_mask()
+    assert torch.equal(d.edit(0, h, mask), h) and d.readouts(0, h).shape == (3, 5, 0)
+
+
+ENGINE_PARAMS = {
+    "multi_layer_clamp": {"layers": [1, 2], "k": 8, "value": -4.0},
+    "sae_reconstruct_clamp": {"layer": 2, "k": 8, "value": -4.0},
+    "error_projection_clamp": {"layer": 2, "k": 8, "value": -4.0},
+    "directional_ablation": {"layer": 2},
+    "none": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_PARAMS))
+def test_each_builtin_runs_through_the_engine(tiny_model, tiny_dir, tmp_path, name):
+    cfg = AttackConfig(mode="encoder", eps=(0.5,), steps=2)
+    record, path = evaluate(tiny_model, name, "ioi", cfg, ENGINE_PARAMS[name], tiny_dir / "saes", tmp_path,
+                            progress=False)
+    validate_record(record)
+    assert load_record(path) == record
+    assert record["defense"]["name"] == name and record["defense"]["params"].items() >= ENGINE_PARAMS[name].items()
+    counts, metrics = record["counts"], record["metrics"]
+    if name == "none":
+        assert counts["valid_flips"] == 0 and metrics["suppression_rate"] == 0.0
+        assert metrics["recovery_rate"] is None and metrics["side_effect"] == 0.0 and record["saes"] == []
+        assert all(r["b_base"] == r["b_defended"] for r in record["examples"])
+        return
+    assert counts["valid_flips"] > 0, "the tiny setup gives every real defense something to suppress"
+    assert metrics["c1_max_preact_change"] < 1e-4
+    if name == "directional_ablation":
+        assert record["saes"] == [] and metrics["latent_replay_recovery"] is None
+    else:
+        assert [s["site"]["layer"] for s in record["saes"]] == sorted(ENGINE_PARAMS[name].get("layers", [2]))
