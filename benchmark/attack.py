@@ -1,17 +1,40 @@
-"""The white-box recovery attacker: batched projected gradient descent on a residual perturbation ``delta``.
+"""The white-box recovery attacker: batched projected gradient descent on a perturbation ``delta``.
 
-``delta`` [b, p, d] is added to the residual stream after block ``layer`` *before* the defense acts there, and
-the defense is re-applied in every forward pass. After every optimizer step the constraints are enforced on
-``delta`` itself (not only on its gradient, so Adam's per-coordinate rescaling cannot leave the subspace):
+Residual modes (``none``, ``encoder``, ``jacobian``): ``delta`` [b, p, d] is added to the residual stream after
+block ``layer`` *before* the defense acts there, and the defense is re-applied in every forward pass. After every
+optimizer step the constraints are enforced on ``delta`` itself (not only on its gradient, so Adam's
+per-coordinate rescaling cannot leave the subspace):
 
-- C1 (mode ``encoder``): ``delta`` is projected onto the orthogonal complement of the defended encoder rows
-  at the attacked site, so the defended pre-activations there are unchanged to float precision;
+- C1 (modes ``encoder`` and ``jacobian``): ``delta`` is projected, at each position, onto the orthogonal
+  complement of the defended encoder rows at the attacked site, so the defended pre-activations there are
+  unchanged to float precision;
+- C2-C3 (mode ``jacobian``): ``delta`` is projected onto the null space of the Jacobian of every later site's
+  defended readouts (see :mod:`benchmark.jacobian`; first order, computed once per example at ``delta = 0``);
 - C4 (every mode): ``||delta_p||_2 <= eps * ||h_p||`` at each attacked position p, where ``h`` is the residual
   of the defended model, unattacked, at the point ``delta`` is added.
 
+C1 is per position, so scaling one position of ``delta`` keeps it; the cross-site null space mixes positions,
+so a per-position rescale would leave it. Mode ``jacobian`` therefore alternates projection and per-position clip
+``CLIP_ROUNDS`` times (alternating projections onto the subspace and the product of balls, which approach a
+point of their intersection), then projects once more and shrinks the whole example by a single scale until
+every position is within budget: the result lies exactly (to float precision) in the null space and within C4.
+
+Mode ``soft_suffix`` is the baseline with no residual access: ``suffix_len`` soft tokens are appended after every
+prompt (left padding stays on the left, the behavior is read at the last suffix position), initialized from the
+input embedding of :data:`SUFFIX_INIT` and optimized in input-embedding space; ``delta`` [b, k, d] is the change
+of the suffix embeddings, with ``||delta_j|| <= eps * ||e_init||`` per suffix token (``delta_rel`` =
+``||delta|| / ||e_init||`` over the suffix). The defense is active in every forward pass, at every position
+including the suffix. A suffix cannot change the defended readouts over the original prompt positions (causal
+attention), so this mode's drift and reactivation compare the readouts at every defended site over every
+editable position of prompt + suffix with the defended run on the same prompt + suffix at its initialization:
+all of the change is at the suffix positions, and the relative drift divides it by the norm over all positions.
+It makes no C1 claim (``c1_change`` is None) and has no residual ``delta`` to replay.
+
 Budgets are swept in ascending order; an example stops as soon as its behavior score is positive with the
 defense active, and the search at the next budget starts from the previous budget's ``delta`` (feasible there
-too). An example's recovery budget is the smallest swept ``eps`` at which it recovered.
+too). An example's recovery budget is the smallest swept ``eps`` at which it recovered, and 0 when the starting
+point already shows the behavior (for a valid flip only the soft suffix's initialization can: appending it
+changes the prompt).
 """
 
 from __future__ import annotations
@@ -23,31 +46,39 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from benchmark import sae_math
+from benchmark import jacobian, sae_math
 from benchmark.errors import BenchmarkError
-from benchmark.forward import Edit, add, capture, compose, run_edited
+from benchmark.forward import Edit, add, capture, compose, input_embeddings, run_edited
 from benchmark.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
 
-ATTACK_MODES = ("none", "encoder")
+ATTACK_MODES = ("none", "encoder", "jacobian", "soft_suffix")
+RESIDUAL_MODES = ("none", "encoder", "jacobian")  # modes that perturb the residual at an attacked site
+C1_MODES = ("encoder", "jacobian")  # modes that claim C1
 POSITIONS = ("all", "last")
 OPTIMIZERS = ("adam", "sgd")
+SUFFIX_INIT = "!"  # GCG's conventional suffix initialization; the tokenizer's EOS token where "!" is no token
+CLIP_ROUNDS = 5  # project / per-position clip alternations in mode jacobian before the final uniform shrink
+DRIFT_PROBES = 4  # random directions behind jacobian_residual_drift
 
 
 @dataclass(frozen=True)
 class AttackConfig:
     """Attacker settings; every field is recorded in the run record."""
 
-    mode: str = "encoder"  # none: budget only; encoder: C1 + C4
+    mode: str = "encoder"  # none: C4 only; encoder: C1 + C4; jacobian: C1-C4; soft_suffix: input suffix, C4 only
     eps: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # relative budgets swept in ascending order
     steps: int = 30  # optimizer steps per budget
     lr: float = 0.1  # step length per position, as a fraction of the current budget eps * ||h_p||
-    positions: str = "all"  # all editable prompt positions, or the last one
+    positions: str = "all"  # all editable prompt positions (all suffix tokens), or the last one
     optimizer: str = "adam"  # adam, or sgd (normalized gradient steps)
     seed: int = 0
     batch_size: int = 64
     layer: int | None = None  # attacked block; default: the defense's first site
+    jacobian_rank: int = 256  # random probes of the low-rank Jacobian estimate (the most rank it can have)
+    jacobian_exact_rows: int = 512  # exact Jacobian when every example has at most this many cross-site readouts
+    suffix_len: int = 8  # soft tokens appended in mode soft_suffix
 
     def __post_init__(self):
         if self.mode not in ATTACK_MODES:
@@ -60,6 +91,10 @@ class AttackConfig:
             raise BenchmarkError(f"eps must be positive and ascending, got {list(self.eps)}")
         if self.steps < 1:
             raise BenchmarkError("steps must be >= 1")
+        if self.jacobian_rank < 1 or self.jacobian_exact_rows < 0:
+            raise BenchmarkError("jacobian_rank must be >= 1 and jacobian_exact_rows >= 0")
+        if self.suffix_len < 1:
+            raise BenchmarkError("suffix_len must be >= 1")
 
     def to_record(self) -> dict:
         d = asdict(self)
@@ -69,21 +104,39 @@ class AttackConfig:
 
 @dataclass
 class ExampleOutcome:
-    """One attacked example. Tensors are trimmed to the example's real tokens."""
+    """One attacked example. Tensors are trimmed to the example's real tokens (all suffix tokens)."""
 
     index: int  # row in the attacked batch
     b_attacked: float
     recovered: bool
     steps_used: int
     recovery_budget: float | None
-    delta: Tensor  # [len_i, d] at the attacked site
-    delta_rel: float  # ||delta|| / ||h_def|| over the attacked positions
+    delta: Tensor  # [len_i, d] at the attacked site, or [suffix_len, d] embedding change (soft_suffix)
+    delta_rel: float  # ||delta|| / ||h_def|| over the attacked positions (soft_suffix: / ||e_init||)
     drift_abs: float
     drift_rel: float
     reactivation: float | None  # None when no defended entry was inactive under the defense
-    c1_change: float  # max |change of a defended pre-activation at the attacked site| / RMS of those values
+    c1_change: float | None  # max |change of a defended pre-activation at the attacked site| / RMS; None: no C1 claim
     h_norm_mean: float
+    jacobian_rank: int | None = None  # rank of the cross-site subspace removed (mode jacobian)
+    jacobian_exact: bool | None = None  # whether that subspace came from the exact Jacobian
+    jacobian_residual: float | None = None  # mean ||J P v|| / ||J v|| (exact J), None if not measurable
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Chunk:
+    """What the attack on one chunk needs, whatever space ``delta`` [n, q, d] lives in."""
+
+    batch: PromptBatch  # what the forward passes run on (soft_suffix: prompts + suffix placeholders)
+    ref_norm: Tensor  # [n, q] norm of the unperturbed value at each slot of delta (residual or embedding)
+    slot_mask: Tensor  # [n, q] float: slots delta may change
+    real: Tensor  # [n, q] bool: slots kept in the outcome (real tokens)
+    read_def: dict[int, Tensor]  # defended readouts [n, p, k_L] with delta = 0
+    basis: Tensor | None = None  # [n, q * d, r] cross-site subspace to project out (mode jacobian)
+    jac_rank: Tensor | None = None  # [n]
+    jac_exact: bool | None = None
+    jac_residual: Tensor | None = None  # [n]
 
 
 def defense_edits(defense: Defense | None, batch: PromptBatch) -> dict[int, Edit]:
@@ -99,6 +152,38 @@ def attacked_positions(batch: PromptBatch, positions: str) -> Tensor:
     if positions == "last":
         mask[:, :-1] = False
     return mask.float()
+
+
+def suffix_token(tokenizer) -> tuple[int, str]:
+    """The suffix's initial token: :data:`SUFFIX_INIT` if it is one known token, else the EOS token."""
+    ids = tokenizer(SUFFIX_INIT, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and ids[0] != tokenizer.unk_token_id:
+        return ids[0], SUFFIX_INIT
+    return tokenizer.eos_token_id, tokenizer.eos_token
+
+
+def with_suffix(batch: PromptBatch, length: int, token_id: int) -> PromptBatch:
+    """``batch`` with ``length`` copies of ``token_id`` appended after every prompt (padding stays on the left)."""
+    n = len(batch)
+    ids = torch.cat([batch.input_ids, torch.full((n, length), token_id, dtype=batch.input_ids.dtype)], 1)
+    mask = torch.cat([batch.attention_mask, torch.ones(n, length, dtype=batch.attention_mask.dtype)], 1)
+    return PromptBatch(list(batch.ids), ids, mask, dict(batch.targets))
+
+
+def clip_per_position(delta: Tensor, cap: Tensor) -> Tensor:
+    """``delta`` [b, p, d] with every position's norm scaled down to at most ``cap`` [b, p]."""
+    norm = delta.norm(dim=-1)
+    scale = torch.where(norm > cap, cap / norm.clamp_min(1e-12), torch.ones_like(norm))
+    return delta * scale[..., None]
+
+
+def shrink_per_example(delta: Tensor, cap: Tensor) -> Tensor:
+    """``delta`` [b, p, d] times one scale per example, the largest <= 1 that puts every position within ``cap``
+    [b, p] (a uniform scale keeps any subspace ``delta`` lies in)."""
+    norm = delta.norm(dim=-1)
+    ratio = torch.where(norm > 0, cap / norm.clamp_min(1e-30), torch.full_like(norm, math.inf))
+    scale = ratio.min(dim=1).values.clamp(max=1.0)
+    return delta * scale[:, None, None]
 
 
 class _Adam:
@@ -123,31 +208,58 @@ class RecoveryAttack:
 
     def __init__(self, model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackConfig):
         self.model, self.defense, self.task, self.cfg = model, defense, task, cfg
+        self.basis = None  # [d, c] orthonormal C1 directions at the attacked site
+        self.layer: int | None = None
+        if cfg.mode == "soft_suffix":
+            self.suffix_id, self.suffix_text = suffix_token(model.tokenizer)
+            self.embed = input_embeddings(model).detach()
+            return
         self.layer = cfg.layer if cfg.layer is not None else min(defense.sites) if defense.sites else None
         if self.layer is None:
             raise BenchmarkError("the attack needs a layer: the defense has no sites, pass --attack-layer")
         model.check_layer(self.layer)
-        self.basis = None
-        if cfg.mode == "encoder":
+        if cfg.mode in C1_MODES:
             if self.layer not in defense.sites:
                 raise BenchmarkError(
-                    f"mode 'encoder' constrains delta at a defended site; layer {self.layer} is not one "
+                    f"mode '{cfg.mode}' constrains delta at a defended site; layer {self.layer} is not one "
                     f"(defended sites: {defense.sites})"
                 )
             self.basis = sae_math.orthonormal_basis(defense.protected_directions(self.layer).detach())
 
-    def project(self, delta: Tensor, h_norm: Tensor, pos_mask: Tensor, eps: float) -> Tensor:
-        """Enforce C1 (mode ``encoder``) and C4 on ``delta`` [b, p, d]; ``h_norm``, ``pos_mask`` are [b, p]."""
-        if self.basis is not None:
-            delta = delta - (delta @ self.basis) @ self.basis.T
-        delta = delta * pos_mask[..., None]
+    @property
+    def later_sites(self) -> list[int]:
+        """Defended sites after the attacked one, whose readouts ``delta`` reaches through the network."""
+        return [L for L in self.defense.sites if self.layer is not None and L > self.layer]
+
+    # -- constraints ---------------------------------------------------------------------------------------------
+
+    def subspace(self, delta: Tensor, pos_mask: Tensor, basis: Tensor | None = None) -> Tensor:
+        """``delta`` [b, p, d] restricted to the attacked positions ``pos_mask`` [b, p], orthogonal to the C1
+        directions at each position, and with its component in ``basis`` [b, p * d, r] (cross-site) removed."""
+        delta = jacobian.strip(delta, pos_mask, self.basis)
+        return delta if basis is None else jacobian.project_out(delta, basis)
+
+    def project(self, delta: Tensor, h_norm: Tensor, pos_mask: Tensor, eps: float,
+                basis: Tensor | None = None) -> Tensor:
+        """Enforce the mode's constraints on ``delta`` [b, p, d]; ``h_norm``, ``pos_mask`` are [b, p].
+
+        Without a cross-site ``basis``: subspace, then per-position clip (both per position, so they commute).
+        With one: ``CLIP_ROUNDS`` of subspace + per-position clip, then subspace + one uniform shrink per
+        example, so the result is in the subspace and within budget at every position.
+        """
         cap = eps * h_norm
-        norm = delta.norm(dim=-1)
-        scale = torch.where(norm > cap, cap / norm.clamp_min(1e-12), torch.ones_like(norm))
-        return delta * scale[..., None]
+        if basis is None:
+            return clip_per_position(self.subspace(delta, pos_mask), cap)
+        for _ in range(CLIP_ROUNDS):
+            delta = clip_per_position(self.subspace(delta, pos_mask, basis), cap)
+        return shrink_per_example(self.subspace(delta, pos_mask, basis), cap)
+
+    # -- forward passes ------------------------------------------------------------------------------------------
 
     def _forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool):
-        """Defended forward with ``delta`` at the attacked site; returns logits and the sites' inputs."""
+        """Defended forward with ``delta`` applied; returns final-position logits and every site's input."""
+        if self.cfg.mode == "soft_suffix":
+            return self._suffix_forward(batch, delta, grad)
         seen: dict[int, Tensor] = {}
         edits = defense_edits(self.defense, batch)
         for L in set(self.defense.sites) | {self.layer}:
@@ -157,8 +269,75 @@ class RecoveryAttack:
             logits = run_edited(self.model, batch, edits)
         return logits, seen
 
+    def _suffix_forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool):
+        """Defended forward from input embeddings: the last ``suffix_len`` tokens of ``batch`` get ``delta``."""
+        seen: dict[int, Tensor] = {}
+        edits = defense_edits(self.defense, batch)
+        for L in self.defense.sites:
+            edits[L] = compose(capture(seen, L), edits[L])
+        with torch.set_grad_enabled(grad):
+            embeds = self.embed[batch.input_ids]
+            if delta is not None:
+                k = self.cfg.suffix_len
+                embeds = torch.cat([embeds[:, :-k], embeds[:, -k:] + delta], 1)
+            logits = run_edited(self.model, batch, edits, inputs_embeds=embeds)
+        return logits, seen
+
     def _readouts(self, seen: dict[int, Tensor]) -> dict[int, Tensor]:
         return {L: self.defense.readouts(L, seen[L]).detach() for L in self.defense.sites}
+
+    # -- per chunk set-up ----------------------------------------------------------------------------------------
+
+    def prepare(self, batch: PromptBatch) -> Chunk:
+        """The chunk's reference norms, masks, defended readouts and (mode jacobian) cross-site basis."""
+        if self.cfg.mode == "soft_suffix":
+            return self._prepare_suffix(batch)
+        _, seen = self._forward(batch, None, grad=False)
+        pos_mask = attacked_positions(batch, self.cfg.positions)
+        chunk = Chunk(batch, seen[self.layer].norm(dim=-1), pos_mask, batch.attention_mask.bool(),
+                       self._readouts(seen))
+        if self.cfg.mode == "jacobian":
+            self._cross_site(chunk)
+        return chunk
+
+    def _prepare_suffix(self, batch: PromptBatch) -> Chunk:
+        ext = with_suffix(batch, self.cfg.suffix_len, self.suffix_id)
+        _, seen = self._forward(ext, None, grad=False)
+        n, k = len(batch), self.cfg.suffix_len
+        slots = torch.ones(n, k)
+        if self.cfg.positions == "last":
+            slots[:, :-1] = 0
+        ref = self.embed[self.suffix_id].norm().expand(n, k).clone()
+        return Chunk(ext, ref, slots, torch.ones(n, k, dtype=torch.bool), self._readouts(seen))
+
+    def _cross_site(self, chunk: Chunk) -> None:
+        """Fill ``chunk``'s cross-site basis (exact or randomized), its ranks and its first-order residual."""
+        batch, n = chunk.batch, len(chunk.batch)
+        if not self.later_sites:
+            chunk.jac_rank, chunk.jac_exact = torch.zeros(n, dtype=torch.long), True
+            return
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        delta = torch.zeros(n, batch.input_ids.shape[1], self.model.d_model, requires_grad=True)
+        with torch.enable_grad(), jacobian.twice_differentiable():
+            _, seen = self._forward(batch, delta, grad=True)
+            reads = {L: self.defense.readouts(L, seen[L]) for L in self.later_sites}
+        first = jacobian.first_row_position(chunk.slot_mask)
+        rows = int(jacobian.rows_per_example(reads, batch.token_mask, first).max())
+        chunk.jac_exact = rows <= self.cfg.jacobian_exact_rows
+        if chunk.jac_exact:
+            vectors = jacobian.exact_vjps(reads, delta, batch.token_mask, first)
+        else:
+            vectors = jacobian.random_vjps(reads, delta, batch.token_mask, self.cfg.jacobian_rank, gen)
+        stacked = torch.stack(list(vectors)) if rows else delta.new_zeros(0, *delta.shape)
+        chunk.basis, chunk.jac_rank = jacobian.row_space(stacked.detach(), chunk.slot_mask, self.basis)
+        probes = torch.randn(DRIFT_PROBES, *delta.shape, generator=gen) * chunk.slot_mask[..., None]
+        try:
+            chunk.jac_residual = jacobian.residual_drift(
+                reads, delta, batch.token_mask, lambda v: self.subspace(v, chunk.slot_mask, chunk.basis), probes)
+        except RuntimeError:  # an op of the model or defense without a second derivative: not measurable
+            chunk.jac_residual = None
+
+    # -- the attack ----------------------------------------------------------------------------------------------
 
     def run(self, batch: PromptBatch, progress: bool = True) -> list[ExampleOutcome]:
         torch.manual_seed(self.cfg.seed)
@@ -172,62 +351,74 @@ class RecoveryAttack:
         bar.close()
         return sorted(outcomes, key=lambda o: o.index)
 
+    def _outcome(self, chunk: Chunk, i: int, delta: Tensor, read_att: dict[int, Tensor], row: int,
+                 **fields) -> ExampleOutcome:
+        """Example ``i`` of the chunk, finished with ``delta`` [n, q, d] and the readouts of row ``row`` of the
+        last sub-batch; drift and reactivation over every defended site and editable position."""
+        p = chunk.batch.input_ids.shape[1]
+        m = chunk.batch.token_mask[i]
+        sites = self.defense.sites
+        att = {L: _align(read_att[L][row], p)[m] for L in sites}
+        a_def = _cat([chunk.read_def[L][i][m].flatten() for L in sites])
+        a_att = _cat([att[L].flatten() for L in sites])
+        diff = (a_att - a_def).norm().item()
+        act_def = _cat([self.defense.readout_activations(L, chunk.read_def[L][i][m]).flatten() for L in sites])
+        act_att = _cat([self.defense.readout_activations(L, att[L]).flatten() for L in sites])
+        off = act_def <= 0
+        attacked = chunk.slot_mask[i].bool()
+        h = chunk.ref_norm[i][attacked]
+        jac = {}
+        if chunk.jac_rank is not None:
+            jac = {"jacobian_rank": int(chunk.jac_rank[i]), "jacobian_exact": chunk.jac_exact,
+                   "jacobian_residual": None if chunk.jac_residual is None else float(chunk.jac_residual[i])}
+        return ExampleOutcome(
+            index=i, delta=delta[i][chunk.real[i]].clone(),
+            delta_rel=(delta[i][attacked].norm() / h.norm().clamp_min(1e-12)).item(),
+            drift_abs=diff, drift_rel=diff / (a_def.norm().item() + 1e-6),
+            reactivation=(act_att[off] > 0).float().mean().item() if off.any() else None,
+            c1_change=self._c1_change(chunk, i, att), h_norm_mean=h.mean().item(), **jac, **fields,
+        )
+
+    def _c1_change(self, chunk: Chunk, i: int, att: dict[int, Tensor]) -> float | None:
+        """Largest change of a defended pre-activation at the attacked site over the RMS of those values."""
+        if self.cfg.mode not in RESIDUAL_MODES:
+            return None
+        if self.layer not in chunk.read_def:
+            return 0.0
+        site_def = chunk.read_def[self.layer][i][chunk.batch.token_mask[i]]
+        if not site_def.numel():
+            return 0.0
+        return ((att[self.layer] - site_def).abs().max() / (site_def.pow(2).mean().sqrt() + 1e-6)).item()
+
     def _run_chunk(self, batch: PromptBatch, bar) -> list[ExampleOutcome]:
-        n, p = batch.input_ids.shape
-        _, seen = self._forward(batch, None, grad=False)
-        h_norm = seen[self.layer].norm(dim=-1)  # [n, p]
-        read_def = self._readouts(seen)
-        pos_mask = attacked_positions(batch, self.cfg.positions)
-        editable = batch.token_mask
-        delta = torch.zeros(n, p, self.model.d_model)
+        chunk = self.prepare(batch)
+        n, p = chunk.batch.input_ids.shape
+        suffix = self.cfg.mode == "soft_suffix"
+        delta = torch.zeros(n, chunk.ref_norm.shape[1], self.embed.shape[1] if suffix else self.model.d_model)
         adam = _Adam(delta)
         active = torch.ones(n, dtype=torch.bool)
         steps_used = torch.zeros(n, dtype=torch.long)
         done: dict[int, ExampleOutcome] = {}
-
-        def finish(i: int, b: float, rec: bool, budget: float | None, read_att: dict[int, Tensor], row: int):
-            """Record example i (row ``row`` of the current sub-batch) as finished."""
-            m = editable[i]
-            attacked = pos_mask[i].bool()
-            d_i = delta[i]
-            a_def = torch.cat([read_def[L][i][m] for L in self.defense.sites], 0)
-            a_att = torch.cat([_align(read_att[L][row], p)[m] for L in self.defense.sites], 0)
-            diff = (a_att - a_def).norm().item()
-            act_def = torch.cat([self.defense.readout_activations(L, read_def[L][i][m]) for L in self.defense.sites])
-            act_att = torch.cat([self.defense.readout_activations(L, _align(read_att[L][row], p)[m])
-                                 for L in self.defense.sites])
-            off = act_def <= 0
-            site_def = read_def[self.layer][i][m] if self.layer in read_def else torch.zeros(0)
-            site_att = _align(read_att[self.layer][row], p)[m] if self.layer in read_att else torch.zeros(0)
-            c1 = ((site_att - site_def).abs().max() / (site_def.pow(2).mean().sqrt() + 1e-6)).item() \
-                if site_def.numel() else 0.0
-            done[i] = ExampleOutcome(
-                index=i, b_attacked=b, recovered=rec, steps_used=int(steps_used[i]), recovery_budget=budget,
-                delta=d_i[batch.attention_mask[i].bool()].clone(),
-                delta_rel=(d_i[attacked].norm() / h_norm[i][attacked].norm().clamp_min(1e-12)).item(),
-                drift_abs=diff, drift_rel=diff / (a_def.norm().item() + 1e-6),
-                reactivation=(act_att[off] > 0).float().mean().item() if off.any() else None,
-                c1_change=c1, h_norm_mean=h_norm[i][attacked].mean().item(),
-            )
-
         # budget used by the update after forward t; forward t scores the delta made under schedule[t - 1]
         schedule = [eps for eps in self.cfg.eps for _ in range(self.cfg.steps)]
         for t in range(len(schedule) + 1):
             idx = active.nonzero()[:, 0]
             if idx.numel() == 0:
                 break
-            sub = batch.select(idx)
-            cols = slice(p - sub.input_ids.shape[1], p)
+            sub = chunk.batch.select(idx)
+            cols = slice(None) if suffix else slice(p - sub.input_ids.shape[1], p)
             d = delta[idx, cols].clone().requires_grad_(True)
             logits, seen_att = self._forward(sub, d, grad=True)
             b = self.task.behavior(logits, sub).detach()
             reads = self._readouts(seen_att)
             newly = b > 0
             final = t == len(schedule)
-            budget = schedule[t - 1] if t > 0 else self.cfg.eps[0]
+            budget = schedule[t - 1] if t > 0 else 0.0  # recovered before any step: no budget needed
             for r, i in enumerate(idx.tolist()):
                 if newly[r] or final:
-                    finish(i, float(b[r]), bool(newly[r]), budget if newly[r] else None, reads, r)
+                    done[i] = self._outcome(chunk, i, delta, reads, r, b_attacked=float(b[r]),
+                                            recovered=bool(newly[r]), steps_used=int(steps_used[i]),
+                                            recovery_budget=budget if newly[r] else None)
                     active[i] = False
                     bar.update(1)
             if final or bool(newly.all()):
@@ -237,15 +428,21 @@ class RecoveryAttack:
             keep = ~newly
             rows, g = idx[keep], d.grad[keep]
             steps_used[rows] += 1
-            hn = h_norm[rows, cols]
+            hn = chunk.ref_norm[rows]
             if self.cfg.optimizer == "adam":
                 direction = adam.direction(rows, cols, g) / math.sqrt(self.model.d_model)
             else:
                 direction = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            new = delta[rows, cols] - self.cfg.lr * eps * hn[..., None] * direction
-            delta[rows, cols] = self.project(new, hn, pos_mask[rows, cols], eps)
+            new = delta[rows].clone()
+            new[:, cols] -= self.cfg.lr * eps * hn[:, cols, None] * direction
+            basis = None if chunk.basis is None else chunk.basis[rows]
+            delta[rows] = self.project(new, hn, chunk.slot_mask[rows], eps, basis)
             bar.set_postfix(eps=eps, step=t + 1, active=int(active.sum()))
         return [done[i] for i in sorted(done)]
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def _align(t: Tensor, p: int) -> Tensor:

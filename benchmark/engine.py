@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from benchmark import __version__
-from benchmark.attack import AttackConfig, RecoveryAttack, defense_edits
+from benchmark.attack import AttackConfig, ExampleOutcome, RecoveryAttack, defense_edits
 from benchmark.forward import capture, compose, next_token_kl, run_edited
-from benchmark.metrics import summarize
+from benchmark.metrics import budget_curve, summarize
 from benchmark.models import LoadedModel
 from benchmark.records import RECORDS_DIR, SCHEMA_VERSION, provenance, record_path, write_record
 from benchmark.replay import replay_parts, stack_deltas
@@ -87,7 +87,7 @@ def evaluate(
 
     rec_rows = [o.index for o in outcomes if o.recovered]
     replays = None
-    if rec_rows:
+    if rec_rows and attack.layer is not None:  # path replay splits a residual delta (not the soft suffix)
         rec_batch = flips.select(rec_rows)
         delta = stack_deltas(rec_batch, [outcomes[i].delta for i in rec_rows])
         with _phase("path replay", progress):
@@ -107,6 +107,7 @@ def evaluate(
                "recovery_budget": o.recovery_budget if o else None, "delta_rel": o.delta_rel if o else None,
                "drift_abs": o.drift_abs if o else None, "drift_rel": o.drift_rel if o else None,
                "reactivation": o.reactivation if o else None, "c1_change": o.c1_change if o else None,
+               "jacobian_residual_drift": o.jacobian_residual if o else None,
                "residual_replay": None, "latent_replay": None}
         if o is not None and o.index in replay_of:
             row.update(replay_of[o.index])
@@ -122,8 +123,6 @@ def evaluate(
         side_effect = next_token_kl(model, control, lambda part: defense_edits(defense, part)) if defense.sites else 0.0
         edit_size = defense_edit_size(model, defense, test)
     counts, metrics = summarize(rows, side_effect, edit_size, replay_rates)
-    h_norms = [o.h_norm_mean for o in outcomes]
-    eps_rel = attack_cfg.eps[-1]
     record = {
         "schema_version": SCHEMA_VERSION,
         "benchmark_version": __version__,
@@ -133,21 +132,46 @@ def evaluate(
                     "defended": defense.defended()},
         "task": {"name": task.name, "version": task.version, "data_hash": task.data_hash(), "split": "test",
                  "split_hashes": task.split_hashes()},
-        "attack": {"mode": attack_cfg.mode, "steps": attack_cfg.steps, "lr": attack_cfg.lr,
-                   "eps_abs": eps_rel * (sum(h_norms) / len(h_norms) if h_norms else 0.0), "eps_rel": eps_rel,
-                   "eps_sweep": list(attack_cfg.eps), "positions": attack_cfg.positions, "jacobian_rank": None,
-                   "seed": attack_cfg.seed, "optimizer": attack_cfg.optimizer,
-                   "batch_size": attack_cfg.batch_size},
+        "attack": attack_section(attack_cfg, attack, outcomes),
         "counts": counts,
         "metrics": metrics,
+        "budget_curve": budget_curve(rows, attack_cfg.eps),
         "examples": rows,
         "provenance": provenance(time.time() - started, command),
     }
-    if attack is not None:
-        record["attack"]["layer"] = attack.layer
     path = record_path(model.name, defense.name, task.name, attack_cfg.mode, records_root)
     write_record(record, path)
     return record, path
+
+
+def attack_section(cfg: AttackConfig, attack: RecoveryAttack | None, outcomes: list[ExampleOutcome]) -> dict:
+    """The record's ``attack`` object: the settings, plus what the mode used.
+
+    ``eps_abs`` is the largest relative budget times the mean norm of the perturbed value (residual at the
+    attacked site, or the suffix's initial embedding). ``jacobian_rank`` (mode jacobian): the largest rank of the
+    cross-site subspace projected out of an example's ``delta``; ``jacobian_estimate`` says whether it came from
+    the exact Jacobian, the randomized estimate with ``jacobian_probes`` probes, or both (different chunks).
+    """
+    h_norms = [o.h_norm_mean for o in outcomes]
+    eps_rel = cfg.eps[-1]
+    out = {"mode": cfg.mode, "steps": cfg.steps, "lr": cfg.lr,
+           "eps_abs": eps_rel * (sum(h_norms) / len(h_norms) if h_norms else 0.0), "eps_rel": eps_rel,
+           "eps_sweep": list(cfg.eps), "positions": cfg.positions, "jacobian_rank": None,
+           "seed": cfg.seed, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size}
+    if attack is not None and attack.layer is not None:
+        out["layer"] = attack.layer
+    if cfg.mode == "jacobian":
+        exact = {o.jacobian_exact for o in outcomes}
+        out.update(jacobian_probes=cfg.jacobian_rank, jacobian_exact_rows=cfg.jacobian_exact_rows,
+                   jacobian_estimate=None if not exact else "mixed" if len(exact) > 1 else
+                   "exact" if exact == {True} else "randomized")
+        if outcomes:
+            out["jacobian_rank"] = max(o.jacobian_rank for o in outcomes)
+    if cfg.mode == "soft_suffix":
+        out["suffix_len"] = cfg.suffix_len
+        if attack is not None:
+            out["suffix_init"] = attack.suffix_text
+    return out
 
 
 def _describe_sae(sae: LoadedSAE) -> dict:

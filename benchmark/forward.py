@@ -18,13 +18,21 @@ from tasks.base import PromptBatch
 Edit = Callable[[Tensor], Tensor]
 
 
-def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], last_only: bool = True) -> Tensor:
+def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], last_only: bool = True,
+               inputs_embeds: Tensor | None = None) -> Tensor:
     """Logits with ``edits[L]`` applied to the output of block L: [b, vocab] if ``last_only`` else [b, p, vocab].
 
     Inputs are left-padded, so position -1 is every prompt's last token; explicit position ids keep padding
-    from shifting positions.
+    from shifting positions. ``inputs_embeds`` [b, p, d_emb], when given, is fed to the model instead of the
+    embedding of ``batch.input_ids`` (which then only fix the shape; the mask and positions still come from
+    ``batch``); it is what the model's input embedding layer would output (a model that scales embeddings, such
+    as Gemma, still applies its scale inside).
     """
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    inputs = dict(attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    if inputs_embeds is None:
+        inputs["input_ids"] = batch.input_ids
+    else:
+        inputs["inputs_embeds"] = inputs_embeds
     kwargs = {"logits_to_keep": 1} if last_only else {}
     with model.lm.trace(inputs, **kwargs):
         for layer in sorted(edits):
@@ -32,6 +40,11 @@ def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], l
             block.output = edits[layer](block.output)
         logits = model.lm.output.logits.save()
     return logits[:, -1] if last_only else logits
+
+
+def input_embeddings(model: LoadedModel) -> Tensor:
+    """[vocab, d_emb]: the model's input embedding matrix (what ``inputs_embeds`` rows are made of)."""
+    return model.hf.get_input_embeddings().weight
 
 
 def compose(*edits: Edit | None) -> Edit:

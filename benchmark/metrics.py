@@ -50,6 +50,9 @@ def summarize(rows: list[dict], side_effect: float | None, defense_edit_rel: flo
     - suppression rate = valid flips / examples with ``b_base > 0``
     - recovery rate = recovered / valid flips (Wilson 95% interval); robust suppression = suppression x (1 - recovery)
     - drift, reactivation, perturbation size, C1 change: means over valid flips (C1: the maximum)
+    - jacobian residual drift (mode jacobian): mean over valid flips of ``||J P v|| / ||J v||``, what the
+      cross-site projector leaves of the first-order drift, with the exact Jacobian (null for other modes, with no
+      later defended site, or where the model or defense has no second derivative to compute it with)
     - zero-reactivation recovery = valid flips recovered without any inactive defended entry turning on,
       over valid flips (recovery that cannot be blamed on reactivating the defended features)
     """
@@ -76,9 +79,26 @@ def summarize(rows: list[dict], side_effect: float | None, defense_edit_rel: flo
         "zero_reactivation_recovery": _ratio(sum(1 for r in recovered if not r["reactivation"]), len(flips)),
         "delta_rel_norm": _mean(r["delta_rel"] for r in flips),
         "c1_max_preact_change": max(c1) if c1 else None,
+        "jacobian_residual_drift": _mean(r.get("jacobian_residual_drift") for r in flips),
         "side_effect": side_effect,
         "defense_edit_rel": defense_edit_rel,
         "residual_replay_recovery": replay.get("residual"),
         "latent_replay_recovery": replay.get("latent"),
     }
     return counts, metrics
+
+
+def budget_curve(rows: list[dict], eps_sweep) -> list[dict]:
+    """Recovery against budget: one entry per swept relative budget ``eps_k``, in ascending order.
+
+    recovered at ``eps_k`` = valid flips whose recovery budget is ``<= eps_k``; the sweep warm-starts each budget
+    from the previous one's ``delta``, so the count is non-decreasing and its last entry is the run's recovered
+    count. ``recovery_rate`` = that count over the valid flips (null without valid flips).
+    """
+    flips = [r for r in rows if r["valid_flip"]]
+    budgets = [r["recovery_budget"] for r in flips if r["recovered"] and r["recovery_budget"] is not None]
+    curve = []
+    for eps in sorted(eps_sweep):
+        got = sum(1 for b in budgets if b <= eps)
+        curve.append({"eps_rel": float(eps), "recovered": got, "recovery_rate": _ratio(got, len(flips))})
+    return curve

@@ -167,7 +167,8 @@ class LoadedModel:
 
     @property
     def hf(self) -> torch.nn.Module:
-        return self.lm._model
+        """The wrapped Hugging Face module (nnsight 0.8 keeps it as ``_module``)."""
+        return self.lm._module
 
     def block(self, layer: int):
         """The nnsight envoy of decoder block ``layer`` (its output is the residual stream after it)."""
