@@ -57,7 +57,9 @@ def cmd_evaluate(args) -> int | None:
         TASKS.get(t)
     params = _parse_params(args.param)
     cfgs = [AttackConfig(mode=m, eps=args.eps, steps=args.steps, lr=args.lr, positions=args.positions,
-                         optimizer=args.optimizer, seed=args.seed, batch_size=args.batch_size, layer=args.attack_layer)
+                         optimizer=args.optimizer, seed=args.seed, batch_size=args.batch_size, layer=args.attack_layer,
+                         jacobian_rank=args.jacobian_rank, jacobian_exact_rows=args.jacobian_exact_rows,
+                         suffix_len=args.suffix_len)
             for m in args.attack]
     if submissions.is_submission_ref(args.defense):
         sub = submissions.active(args.defense)
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=default.seed)
     ev.add_argument("--batch-size", type=int, default=default.batch_size)
     ev.add_argument("--attack-layer", type=int, default=None, help="attacked block (default: first defended site)")
+    ev.add_argument("--jacobian-rank", type=int, default=default.jacobian_rank,
+                    help="random probes of the low-rank Jacobian estimate (mode jacobian)")
+    ev.add_argument("--jacobian-exact-rows", type=int, default=default.jacobian_exact_rows,
+                    help="use the exact Jacobian when an example has at most this many cross-site readouts")
+    ev.add_argument("--suffix-len", type=int, default=default.suffix_len, help="soft tokens (mode soft_suffix)")
     ev.add_argument("-D", "--param", action="append", default=[], metavar="KEY=VALUE",
                     help="defense constructor parameter, repeatable (e.g. -D k=32 -D mode=zero)")
     ev.add_argument("--sae-dir", type=Path, default=None, help="folder with layer_<L>/ SAEs (sae_lens disk format)")

@@ -16,7 +16,7 @@ from benchmark.attack import AttackConfig, ExampleOutcome, RecoveryAttack, defen
 from benchmark.forward import capture, compose, next_token_kl, run_edited
 from benchmark.metrics import budget_curve, summarize
 from benchmark.models import LoadedModel
-from benchmark.records import RECORDS_DIR, SCHEMA_VERSION, provenance, record_path, write_record
+from benchmark.records import RECORDS_DIR, SCHEMA_VERSION, git_state, provenance, record_path, write_record
 from benchmark.replay import replay_parts, stack_deltas
 from benchmark.saes import LoadedSAE
 from defenses.base import DEFENSES, Defense, FitContext
@@ -70,6 +70,7 @@ def evaluate(
 ) -> tuple[dict, Path]:
     """Run one (model, defense, task, attack mode) and write its record; returns the record and its path."""
     started = time.time()
+    git = git_state()  # the code that runs is the code at the start, whatever changes meanwhile
     torch.manual_seed(attack_cfg.seed)
     task = TASKS.get(task_name)(model.tokenizer)
     defense = DEFENSES.get(defense_name).create(**(defense_params or {}))
@@ -137,7 +138,7 @@ def evaluate(
         "metrics": metrics,
         "budget_curve": budget_curve(rows, attack_cfg.eps),
         "examples": rows,
-        "provenance": provenance(time.time() - started, command),
+        "provenance": provenance(time.time() - started, command, git),
     }
     path = record_path(model.name, defense.name, task.name, attack_cfg.mode, records_root)
     write_record(record, path)

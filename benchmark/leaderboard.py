@@ -25,8 +25,24 @@ def load_records(root: Path = RECORDS_DIR) -> list[tuple[Path, dict]]:
     return [(p, load_record(p)) for p in sorted(root.rglob("*.json"))]
 
 
+#: the attacks a defense is ranked on: the constrained residual attacks (the others are shown for comparison)
+RANKED_MODES = ("encoder", "jacobian")
+
+
 def _rank_key(entries: list[dict]) -> tuple:
-    """Mean robust suppression (higher first), ties broken by the median recovery budget (higher first)."""
+    """Mean robust suppression (higher first), ties broken by the median recovery budget (higher first).
+
+    Only records of the constrained attacks (``RANKED_MODES``) count; a multi-site defense's suite counts
+    once, with its strongest constrained attack (lowest robust suppression).
+    """
+    best: dict[str, dict] = {}
+    for e in entries:
+        if e["attack"]["mode"] not in RANKED_MODES or e["metrics"]["robust_suppression"] is None:
+            continue
+        task = e["task"]["name"]
+        if task not in best or e["metrics"]["robust_suppression"] < best[task]["metrics"]["robust_suppression"]:
+            best[task] = e
+    entries = list(best.values())
     robust = [e["metrics"]["robust_suppression"] for e in entries if e["metrics"]["robust_suppression"] is not None]
     budgets = [e["metrics"]["recovery_budget_median"] for e in entries]
     # a null budget means most flips were never recovered: the strongest possible result

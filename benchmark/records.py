@@ -115,8 +115,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def provenance(wall_seconds: float, command: str) -> dict:
-    commit, dirty = git_state()
+def provenance(wall_seconds: float, command: str, git: tuple[str, bool]) -> dict:
+    """Where and how a run was made; ``git`` is :func:`git_state` taken when the run started."""
+    commit, dirty = git
     return {
         "git_commit": commit,
         "git_dirty": dirty,
