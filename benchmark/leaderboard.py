@@ -44,9 +44,11 @@ def _rank_key(entries: list[dict]) -> tuple:
             best[task] = e
     entries = list(best.values())
     robust = [e["metrics"]["robust_suppression"] for e in entries if e["metrics"]["robust_suppression"] is not None]
-    budgets = [e["metrics"]["recovery_budget_median"] for e in entries]
-    # a null budget means most flips were never recovered: the strongest possible result
-    budget = max((float("inf") if b is None else b) for b in budgets) if budgets else 0.0
+    # a null budget with flips means most were never recovered (the strongest result); without flips it
+    # means nothing was suppressed, so it cannot break a tie in the defense's favour
+    budgets = [(float("inf") if e["metrics"]["recovery_budget_median"] is None else e["metrics"]["recovery_budget_median"])
+               for e in entries if e["counts"]["valid_flips"] > 0]
+    budget = max(budgets) if budgets else 0.0
     return (-(sum(robust) / len(robust)) if robust else 1.0, -budget)
 
 

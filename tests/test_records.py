@@ -58,3 +58,17 @@ def test_atomic_write_keeps_old_file_when_serialization_fails(tmp_path):
 @pytest.mark.parametrize("path", sorted(RECORDS_DIR.rglob("*.json")), ids=lambda p: str(p.relative_to(RECORDS_DIR)))
 def test_committed_records_validate(path: Path):
     load_record(path)
+
+
+def test_leaderboard_ranks_a_defense_without_flips_last(tiny_run):
+    from benchmark.leaderboard import _rank_key
+
+    nothing = copy.deepcopy(tiny_run[0])
+    nothing["counts"]["valid_flips"] = 0
+    nothing["metrics"].update(robust_suppression=0.0, recovery_budget_median=None)
+    broken = copy.deepcopy(tiny_run[0])
+    broken["metrics"].update(robust_suppression=0.0, recovery_budget_median=0.01)
+    held = copy.deepcopy(tiny_run[0])
+    held["metrics"].update(robust_suppression=0.0, recovery_budget_median=None)
+    keys = [_rank_key([r]) for r in (held, broken, nothing)]
+    assert keys == sorted(keys), "never recovered < recovered at a small budget < nothing suppressed"
