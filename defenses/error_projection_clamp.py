@@ -7,7 +7,7 @@ from torch import Tensor
 from benchmark import sae_math
 from benchmark.errors import BenchmarkError
 from defenses.base import DEFENSES, FitContext
-from defenses.sae_clamp import SAEClamp
+from defenses.sae_clamp import DEFAULT_K, DEFAULT_VALUE, SAEClamp
 
 DIRECTIONS = ("decoder_sum", "decoder_span")
 
@@ -40,9 +40,9 @@ class ErrorProjectionClamp(SAEClamp):
     def __init__(
         self,
         layer: int | None = None,
-        k: int = 32,
+        k: int = DEFAULT_K,
         mode: str = "negative",
-        value: float = -8.0,
+        value: float = DEFAULT_VALUE,
         features: list[int] | None = None,
         direction: str = "decoder_sum",
     ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from benchmark.errors import BenchmarkError
 from defenses.base import DEFENSES, FitContext
-from defenses.sae_clamp import SAEClamp
+from defenses.sae_clamp import DEFAULT_K, DEFAULT_VALUE, SAEClamp
 
 
 @DEFENSES.register("multi_layer_clamp")
@@ -24,9 +24,9 @@ class MultiLayerClamp(SAEClamp):
     def __init__(
         self,
         layers: list[int] = [8, 12, 16],  # noqa: B006 - recorded verbatim; never mutated
-        k: int = 32,
+        k: int = DEFAULT_K,
         mode: str = "negative",
-        value: float = -8.0,
+        value: float = DEFAULT_VALUE,
         features: list[list[int]] | None = None,
     ) -> None:
         super().__init__(layer=None, k=k, mode=mode, value=value, features=None)  # checks k, mode, value

@@ -17,6 +17,12 @@ from defenses.base import DEFENSES, FitContext, SAEFeatureDefense, top_attribute
 
 MODES = ("zero", "negative", "multiply", "set")
 
+#: Reference setting of the clamp family, chosen on the IOI dev split of the default model (layer 12):
+#: the highest suppression with the smallest side effect in leaderboard/tuning/ioi_sae_clamp_dev*.md
+#: (stronger negative values and more latents flipped fewer prompts at larger side effects).
+DEFAULT_K = 8
+DEFAULT_VALUE = -2.0
+
 
 def check_clamp(name: str, k: int, mode: str, value: float) -> None:
     """Reject clamp settings that make no sense, with one line naming the defense."""
@@ -66,9 +72,9 @@ class SAEClamp(SAEFeatureDefense):
     def __init__(
         self,
         layer: int | None = None,
-        k: int = 32,
+        k: int = DEFAULT_K,
         mode: str = "negative",
-        value: float = -8.0,
+        value: float = DEFAULT_VALUE,
         features: list[int] | None = None,
     ) -> None:
         super().__init__()
