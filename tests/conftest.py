@@ -60,3 +60,16 @@ def tiny_run(tiny_model, tiny_dir, tmp_path_factory):
     cfg = AttackConfig(mode="encoder", eps=(0.05, 0.2, 0.5), steps=15)
     return evaluate(tiny_model, "sae_clamp", "ioi", cfg, {"layer": 2, "k": 8, "value": -4.0},
                     tiny_dir / "saes", out, progress=False)
+
+
+def site_input(model, defense, batch, layer: int = 2):
+    """The residual at ``layer`` just before the defense acts there (defense active everywhere, no attack)."""
+    from benchmark.attack import defense_edits
+    from benchmark.forward import capture, compose, run_edited
+
+    seen = {}
+    edits = defense_edits(defense, batch)
+    edits[layer] = compose(capture(seen, layer), edits[layer])
+    with torch.no_grad():
+        run_edited(model, batch, edits)
+    return seen[layer]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import site_input
 
 from benchmark.attack import AttackConfig, RecoveryAttack, defense_edits
 from benchmark.engine import behavior_scores
@@ -18,15 +19,6 @@ def _valid_flips(model, ioi, defense):
     return batch.select(idx[:24])
 
 
-def _site_input(model, defense, batch, layer):
-    seen = {}
-    edits = defense_edits(defense, batch)
-    edits[layer] = compose(capture(seen, layer), edits[layer])
-    with torch.no_grad():
-        run_edited(model, batch, edits)
-    return seen[layer]
-
-
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_encoder_mode_leaves_defended_preactivations_unchanged(tiny_model, ioi, fitted_clamp, optimizer):
     flips = _valid_flips(tiny_model, ioi, fitted_clamp)
@@ -34,7 +26,7 @@ def test_encoder_mode_leaves_defended_preactivations_unchanged(tiny_model, ioi, 
     outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, cfg).run(flips, progress=False)
     assert any(o.delta.abs().max() > 0 for o in outcomes)
     # recompute independently of the attacker's own bookkeeping
-    h = _site_input(tiny_model, fitted_clamp, flips, 2)
+    h = site_input(tiny_model, fitted_clamp, flips, 2)
     delta = stack_deltas(flips, [o.delta for o in outcomes])
     before = fitted_clamp.readouts(2, h)
     after = fitted_clamp.readouts(2, h + delta)
@@ -55,7 +47,7 @@ def test_budget_holds_per_position(tiny_model, ioi, fitted_clamp):
     flips = _valid_flips(tiny_model, ioi, fitted_clamp)
     eps = 0.05
     outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(eps,), steps=5)).run(flips, progress=False)
-    h = _site_input(tiny_model, fitted_clamp, flips, 2)
+    h = site_input(tiny_model, fitted_clamp, flips, 2)
     delta = stack_deltas(flips, [o.delta for o in outcomes])
     assert (delta.norm(dim=-1) <= eps * h.norm(dim=-1) * (1 + 1e-5) + 1e-7).all()
     assert (delta[~flips.token_mask] == 0).all(), "delta must not touch padding or the attention sink"
@@ -81,7 +73,7 @@ def test_replay_parts_sum_to_delta(tiny_model, ioi, fitted_clamp):
 
     flips = _valid_flips(tiny_model, ioi, fitted_clamp)
     outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=5)).run(flips, progress=False)
-    h = _site_input(tiny_model, fitted_clamp, flips, 2)
+    h = site_input(tiny_model, fitted_clamp, flips, 2)
     delta = stack_deltas(flips, [o.delta for o in outcomes])
     sae, feats = fitted_clamp.sae_at(2)
     parts = split_delta(sae.sae, feats, h, delta, flips.token_mask)

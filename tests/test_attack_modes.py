@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import site_input
 
 from benchmark.attack import AttackConfig, RecoveryAttack, clip_per_position, defense_edits, with_suffix
 from benchmark.engine import behavior_scores, evaluate
@@ -391,7 +392,7 @@ def test_replay_recovery_carried_by_the_sae_error_term(tiny_model, ioi):
     delta, b = _ascend(tiny_model, defense, ioi, batch, _orth_complement(w_enc))
     ok = b > 0.5
     assert ok.sum() >= 2, "the error subspace alone should carry a recovery on the tiny model"
-    parts = split_delta(sae.sae, defense.sae_at(2)[1], _site_input(tiny_model, defense, batch), delta,
+    parts = split_delta(sae.sae, defense.sae_at(2)[1], site_input(tiny_model, defense, batch, 2), delta,
                         batch.token_mask)
     assert float((parts["latent"] + parts["defended"]).norm()) <= 1e-4 * float(delta.norm())
     scores = replay_parts(tiny_model, defense, ioi, batch, delta, 2)
@@ -416,7 +417,7 @@ def test_replay_recovery_carried_by_non_defended_latents(tiny_model, ioi):
     feats = [0, 1, 2, 3]
     defense = _clamp_with(tiny_model, ioi, sae, feats, "set", c)
     batch = _suppressed(tiny_model, ioi, defense)
-    h = _site_input(tiny_model, defense, batch)
+    h = site_input(tiny_model, defense, batch, 2)
     assert float((h @ w_enc).abs().max()) < c / 4, "every latent stays active under attack too"
     delta, b = _ascend(tiny_model, defense, ioi, batch, _orth_complement(w_enc[:, feats]))
     assert float(((h + delta) @ w_enc).abs().max()) < c
@@ -428,15 +429,6 @@ def test_replay_recovery_carried_by_non_defended_latents(tiny_model, ioi):
     scores = replay_parts(tiny_model, defense, ioi, batch, delta, 2)
     assert (scores["latent"][ok] > 0).all()
     assert (scores["error"] <= 0).all() and (scores["defended"] <= 0).all()
-
-
-def _site_input(model, defense, batch, layer=2):
-    seen = {}
-    edits = defense_edits(defense, batch)
-    edits[layer] = compose(capture(seen, layer), edits[layer])
-    with torch.no_grad():
-        run_edited(model, batch, edits)
-    return seen[layer]
 
 
 def test_constructed_saes_are_what_the_replay_tests_claim():
