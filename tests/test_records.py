@@ -72,3 +72,10 @@ def test_leaderboard_ranks_a_defense_without_flips_last(tiny_run):
     held["metrics"].update(robust_suppression=0.0, recovery_budget_median=None)
     keys = [_rank_key([r]) for r in (held, broken, nothing)]
     assert keys == sorted(keys), "never recovered < recovered at a small budget < nothing suppressed"
+
+
+def test_committed_leaderboard_regenerates_byte_for_byte():
+    from benchmark.leaderboard import LEADERBOARD_DIR, load_records, render
+
+    committed = (LEADERBOARD_DIR / "README.md").read_text()
+    assert render(load_records()) == committed, "run `benchmark leaderboard` and commit the result"
