@@ -68,8 +68,10 @@ class AttackConfig:
     """Attacker settings; every field is recorded in the run record."""
 
     mode: str = "encoder"  # none: C4 only; encoder: C1 + C4; jacobian: C1-C4; soft_suffix: input suffix, C4 only
-    eps: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # relative budgets swept in ascending order
-    steps: int = 30  # optimizer steps per budget
+    # relative budgets swept in ascending order; the low end matters: on the default model an undefended-
+    # looking clamp is recovered below 1% of the residual norm, and the recovery budget is what separates defenses
+    eps: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    steps: int = 20  # optimizer steps per budget
     lr: float = 0.1  # step length per position, as a fraction of the current budget eps * ||h_p||
     positions: str = "all"  # all editable prompt positions (all suffix tokens), or the last one
     optimizer: str = "adam"  # adam, or sgd (normalized gradient steps)

@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 B=.venv/bin/benchmark
 $B evaluate --defense sae_clamp --tasks ioi --attack encoder,none,soft_suffix "$@"
-$B evaluate --defense multi_layer_clamp --tasks ioi --attack jacobian,encoder "$@"
-for d in sae_reconstruct_clamp error_projection_clamp directional_ablation none submissions/decoder_span_ablation; do
+for d in sae_reconstruct_clamp error_projection_clamp submissions/decoder_span_ablation directional_ablation none; do
   $B evaluate --defense "$d" --tasks ioi --attack encoder "$@"
 done
+$B evaluate --defense multi_layer_clamp --tasks ioi --attack jacobian,encoder "$@"
 $B leaderboard
