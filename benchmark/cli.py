@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("defenses", help="list registered defenses").set_defaults(func=cmd_defenses)
     sub.add_parser("tasks", help="list registered task suites").set_defaults(func=cmd_tasks)
 
-    tr = sub.add_parser("train-saes", help="train the default model's reference SAEs (about 45 min on 2 cores)")
+    tr = sub.add_parser("train-saes", help="train the default model's reference SAEs (the better part of an hour on 2 cores)")
     tr.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16])
     tr.add_argument("--width", type=int, default=4608)
     tr.add_argument("--k", type=int, default=64)

@@ -265,10 +265,10 @@ def write_report_markdown(out_dir: Path) -> Path:
     cfg = report["config"]
     rows = [[name, s["architecture"], s["width"], s["train_tokens"], s["tokens_seen"], s["l0"], s["fvu"],
              f"{100 * s['dead_share']:.2f}%", s["loss_clean"], s["loss_spliced"], f"+{s['loss_increase']:.3f}",
-             f"{100 * s['loss_recovered_share']:.1f}%"]
+             f"{100 * s['loss_recovered_share']:.1f}%", s["train_seconds"]]
             for name, s in report["saes"].items()]
     headers = ["SAE", "architecture", "width", "training tokens", "tokens seen", "L0", "FVU", "dead latents",
-               "loss clean", "loss spliced", "loss increase (nats)", "loss gap recovered vs zero"]
+               "loss clean", "loss spliced", "loss increase (nats)", "loss gap recovered vs zero", "train s"]
     text = "\n".join([
         f"# Reference SAEs for {report['model']}",
         "",
@@ -279,9 +279,10 @@ def write_report_markdown(out_dir: Path) -> Path:
         tabulate(rows, headers=headers, tablefmt="github"),
         "",
         f"Model revision: `{report['model_revision']}`. Config: `{json.dumps(cfg)}`. Activation collection "
-        f"{report['collect_seconds']} s; total {report.get('total_seconds', 'n/a')} s on 2 CPU cores.",
+        f"{report['collect_seconds']} s; total {report.get('total_seconds', 'n/a')} s on 2 CPU cores (times include "
+        "whatever else shared the cores during the run).",
         "",
-        "Rebuild (about 45 minutes on 2 cores; weights are written in float16):",
+        "Rebuild (weights are written in float16):",
         "",
         "```",
         "HF_HUB_OFFLINE=1 .venv/bin/benchmark train-saes --layers " + " ".join(map(str, cfg["layers"]))
