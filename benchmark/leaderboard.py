@@ -68,7 +68,9 @@ def render(records: list[tuple[Path, dict]], out_dir: Path = LEADERBOARD_DIR) ->
         lines += [f"## {model}", ""]
         ranked = sorted(defenses.items(), key=lambda kv: (_rank_key([r for _, r in kv[1]]), kv[0]))
         table = []
-        for rank, (name, entries) in enumerate(ranked, 1):
+        keys = [_rank_key([r for _, r in entries]) for _, entries in ranked]
+        for (name, entries), key in zip(ranked, keys):
+            rank = 1 + sum(k < key for k in keys)  # tied defenses share a rank
             for path, r in sorted(entries, key=lambda e: (e[1]["task"]["name"], e[1]["attack"]["mode"])):
                 m, c = r["metrics"], r["counts"]
                 ci = f"{_pct(m['recovery_rate'])} [{_pct(m['recovery_ci_low'])}, {_pct(m['recovery_ci_high'])}]"
