@@ -40,7 +40,7 @@ changes the prompt).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -123,7 +123,6 @@ class ExampleOutcome:
     jacobian_rank: int | None = None  # rank of the cross-site subspace removed (mode jacobian)
     jacobian_exact: bool | None = None  # whether that subspace came from the exact Jacobian
     jacobian_residual: float | None = None  # mean ||J P v|| / ||J v|| (exact J), None if not measurable
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass

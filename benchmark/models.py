@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,18 +28,15 @@ class SiteMap:
     """Where the residual stream of each layer lives in one architecture (module paths from the HF root)."""
 
     layers: str  # dotted path to the ModuleList of decoder blocks
-    final_norm: str
-    lm_head: str
-    embed: str
 
     def block_path(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
 
 
 SITE_MAPS: dict[str, SiteMap] = {
-    "llama": SiteMap("model.layers", "model.norm", "lm_head", "model.embed_tokens"),
-    "gemma2": SiteMap("model.layers", "model.norm", "lm_head", "model.embed_tokens"),
-    "gpt2": SiteMap("transformer.h", "transformer.ln_f", "lm_head", "transformer.wte"),
+    "llama": SiteMap("model.layers"),
+    "gemma2": SiteMap("model.layers"),
+    "gpt2": SiteMap("transformer.h"),
 }
 
 
@@ -163,7 +160,6 @@ class LoadedModel:
     n_layers: int
     d_model: int
     spec: ModelSpec | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def hf(self) -> torch.nn.Module:
