@@ -20,7 +20,7 @@ point of their intersection), then projects once more and shrinks the whole exam
 every position is within budget: the result lies exactly (to float precision) in the null space and within C4.
 
 Mode ``soft_suffix`` is the baseline with no residual access: ``suffix_len`` soft tokens are appended after every
-prompt (left padding stays on the left, the behavior is read at the last suffix position), initialized from the
+prompt, before any teacher-forced answer (left padding stays on the left), initialized from the
 input embedding of :data:`SUFFIX_INIT` and optimized in input-embedding space; ``delta`` [b, k, d] is the change
 of the suffix embeddings, with ``||delta_j|| <= eps * ||e_init||`` per suffix token (``delta_rel`` =
 ``||delta|| / ||e_init||`` over the suffix). The defense is active in every forward pass, at every position
@@ -35,6 +35,11 @@ defense active, and the search at the next budget starts from the previous budge
 too). An example's recovery budget is the smallest swept ``eps`` at which it recovered, and 0 when the starting
 point already shows the behavior (for a valid flip only the soft suffix's initialization can: appending it
 changes the prompt).
+
+Every mode edits only the prompt (:attr:`PromptBatch.prompt_mask`), never a teacher-forced answer. A suite judged
+by more than one forward pass (``TaskSuite.confirms``: generation) stops on its differentiable :meth:`behavior`;
+each example is then re-judged with :meth:`TaskSuite.score` under its final ``delta``, and that judgement is its
+``b_attacked`` (an example the judge does not confirm is not recovered).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from tqdm import tqdm
 
 from benchmark import jacobian, sae_math
 from benchmark.errors import BenchmarkError
-from benchmark.forward import Edit, add, capture, compose, input_embeddings, run_edited
+from benchmark.forward import Edit, add, capture, compose, input_embeddings, run_task
 from benchmark.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
@@ -148,10 +153,12 @@ def defense_edits(defense: Defense | None, batch: PromptBatch) -> dict[int, Edit
 
 
 def attacked_positions(batch: PromptBatch, positions: str) -> Tensor:
-    """[b, p] float mask of the positions ``delta`` may change."""
-    mask = batch.token_mask.clone()
+    """[b, p] float mask of the positions ``delta`` may change (prompt tokens; ``last``: the last one)."""
+    mask = batch.prompt_mask
     if positions == "last":
-        mask[:, :-1] = False
+        last = mask.shape[1] - batch.read_len
+        mask[:, :last] = False
+        mask[:, last + 1:] = False
     return mask.float()
 
 
@@ -163,12 +170,20 @@ def suffix_token(tokenizer) -> tuple[int, str]:
     return tokenizer.eos_token_id, tokenizer.eos_token
 
 
+def suffix_start(batch: PromptBatch, length: int) -> int:
+    """First column of the suffix in a batch made by :func:`with_suffix` (before the teacher-forced answer)."""
+    return batch.input_ids.shape[1] - (batch.read_len - 1) - length
+
+
 def with_suffix(batch: PromptBatch, length: int, token_id: int) -> PromptBatch:
-    """``batch`` with ``length`` copies of ``token_id`` appended after every prompt (padding stays on the left)."""
-    n = len(batch)
-    ids = torch.cat([batch.input_ids, torch.full((n, length), token_id, dtype=batch.input_ids.dtype)], 1)
-    mask = torch.cat([batch.attention_mask, torch.ones(n, length, dtype=batch.attention_mask.dtype)], 1)
-    return PromptBatch(list(batch.ids), ids, mask, dict(batch.targets))
+    """``batch`` with ``length`` copies of ``token_id`` after every prompt, before its teacher-forced answer
+    tokens (padding stays on the left)."""
+    n, cut = len(batch), batch.input_ids.shape[1] - (batch.read_len - 1)
+    ids = torch.cat([batch.input_ids[:, :cut], torch.full((n, length), token_id, dtype=batch.input_ids.dtype),
+                     batch.input_ids[:, cut:]], 1)
+    ones = torch.ones(n, length, dtype=batch.attention_mask.dtype)
+    mask = torch.cat([batch.attention_mask[:, :cut], ones, batch.attention_mask[:, cut:]], 1)
+    return PromptBatch(list(batch.ids), ids, mask, dict(batch.targets), batch.read_len)
 
 
 def clip_per_position(delta: Tensor, cap: Tensor) -> Tensor:
@@ -267,11 +282,12 @@ class RecoveryAttack:
             edits[L] = compose(add(delta) if L == self.layer and delta is not None else None,
                                capture(seen, L), edits.get(L))
         with torch.set_grad_enabled(grad):
-            logits = run_edited(self.model, batch, edits)
-        return logits, seen
+            read = run_task(self.model, self.task, batch, edits)
+        return read, seen
 
-    def _suffix_forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool):
-        """Defended forward from input embeddings: the last ``suffix_len`` tokens of ``batch`` get ``delta``."""
+    def _suffix_forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool, start: int | None = None):
+        """Defended forward from input embeddings: the suffix tokens of ``batch`` (``suffix_len`` columns from
+        ``start``, by default where :func:`with_suffix` put them) get ``delta``."""
         seen: dict[int, Tensor] = {}
         edits = defense_edits(self.defense, batch)
         for L in self.defense.sites:
@@ -279,10 +295,21 @@ class RecoveryAttack:
         with torch.set_grad_enabled(grad):
             embeds = self.embed[batch.input_ids]
             if delta is not None:
-                k = self.cfg.suffix_len
-                embeds = torch.cat([embeds[:, :-k], embeds[:, -k:] + delta], 1)
-            logits = run_edited(self.model, batch, edits, inputs_embeds=embeds)
-        return logits, seen
+                s = suffix_start(batch, self.cfg.suffix_len) if start is None else start
+                e = s + self.cfg.suffix_len
+                embeds = torch.cat([embeds[:, :s], embeds[:, s:e] + delta, embeds[:, e:]], 1)
+            read = run_task(self.model, self.task, batch, edits, inputs_embeds=embeds)
+        return read, seen
+
+    def confirm(self, chunk: Chunk, delta: Tensor) -> Tensor:
+        """Judged behavior [n] (:meth:`TaskSuite.score`) of every example of ``chunk`` under ``delta`` [n, q, d]."""
+        if self.cfg.mode == "soft_suffix":
+            start = suffix_start(chunk.batch, self.cfg.suffix_len)
+            forward = lambda b: self._suffix_forward(b, delta, grad=False, start=start)[0]  # noqa: E731
+        else:
+            forward = lambda b: self._forward(b, delta, grad=False)[0]  # noqa: E731
+        with torch.no_grad():
+            return self.task.score(forward, chunk.batch)
 
     def _readouts(self, seen: dict[int, Tensor]) -> dict[int, Tensor]:
         return {L: self.defense.readouts(L, seen[L]).detach() for L in self.defense.sites}
@@ -439,7 +466,14 @@ class RecoveryAttack:
             basis = None if chunk.basis is None else chunk.basis[rows]
             delta[rows] = self.project(new, hn, chunk.slot_mask[rows], eps, basis)
             bar.set_postfix(eps=eps, step=t + 1, active=int(active.sum()))
-        return [done[i] for i in sorted(done)]
+        outcomes = [done[i] for i in sorted(done)]
+        if self.task.confirms:
+            judged = self.confirm(chunk, delta)
+            for o in outcomes:
+                o.b_attacked = float(judged[o.index])
+                if o.recovered and not judged[o.index] > 0:
+                    o.recovered, o.recovery_budget = False, None
+        return outcomes
 
 
 def _cat(parts: list[Tensor]) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from benchmark import __version__
 from benchmark.attack import AttackConfig, ExampleOutcome, RecoveryAttack, defense_edits
-from benchmark.forward import capture, compose, next_token_kl, run_edited
+from benchmark.forward import capture, compose, next_token_kl, run_edited, task_forward
 from benchmark.metrics import budget_curve, summarize
 from benchmark.models import LoadedModel
 from benchmark.records import RECORDS_DIR, SCHEMA_VERSION, git_state, provenance, record_path, write_record
@@ -26,9 +26,9 @@ from tasks.base import TASKS, PromptBatch, TaskSuite
 @torch.no_grad()
 def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, defense: Defense | None,
                     chunk: int = 64) -> Tensor:
-    """Behavior score [b] of every example, with the defense active when given."""
-    return torch.cat([task.behavior(run_edited(model, part, defense_edits(defense, part)), part)
-                      for part in batch.chunks(chunk)])
+    """Judged behavior score [b] of every example (:meth:`TaskSuite.score`), with the defense active when given."""
+    forward = task_forward(model, task, lambda part: defense_edits(defense, part))
+    return torch.cat([task.score(forward, part) for part in batch.chunks(chunk)])
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def defense_edit_size(model: LoadedModel, defense: Defense, batch: PromptBatch, 
     for part in batch.chunks(chunk):
         before, after = {}, {}
         edits = {L: compose(capture(before, L), e, capture(after, L)) for L, e in defense_edits(defense, part).items()}
-        run_edited(model, part, edits)
+        run_edited(model, part, edits, read_layer=max(edits))
         m = part.token_mask
         for L in defense.sites:
             ratios[L][0] += float((after[L] - before[L])[m].pow(2).sum())
@@ -74,6 +74,8 @@ def evaluate(
     torch.manual_seed(attack_cfg.seed)
     task = TASKS.get(task_name)(model.tokenizer)
     defense = DEFENSES.get(defense_name).create(**(defense_params or {}))
+    with _phase("prepare task", progress):
+        task.prepare(model)
     with _phase("fit defense", progress):
         defense.fit(FitContext(model, task, sae_dir))
     test = task.encode(task.examples("test"))

@@ -13,18 +13,23 @@ import torch
 from torch import Tensor
 
 from benchmark.models import LoadedModel
-from tasks.base import PromptBatch
+from tasks.base import Forward, PromptBatch, TaskSuite
 
 Edit = Callable[[Tensor], Tensor]
 
 
-def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], last_only: bool = True,
-               inputs_embeds: Tensor | None = None) -> Tensor:
-    """Logits with ``edits[L]`` applied to the output of block L: [b, vocab] if ``last_only`` else [b, p, vocab].
+def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *, all_logits: bool = False,
+               read_layer: int | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+    """The forward pass with ``edits[L]`` applied to the output of block L, and what it reads:
 
-    Inputs are left-padded, so position -1 is every prompt's last token; explicit position ids keep padding
-    from shifting positions. ``inputs_embeds`` [b, p, d_emb], when given, is fed to the model instead of the
-    embedding of ``batch.input_ids`` (which then only fix the shape; the mask and positions still come from
+    - ``read_layer`` None: logits at the last ``batch.read_len`` positions, [b, r, vocab] (all positions,
+      [b, p, vocab], with ``all_logits``); the unembedding runs only at the positions read;
+    - ``read_layer`` L: the residual after block L and its edit, [b, p, d]. The forward stops after the last
+      block that is read or edited, so nothing above it runs (pass ``read_layer=max(edits)`` to only capture).
+
+    Inputs are left-padded, so the last positions are every prompt's last tokens; explicit position ids keep
+    padding from shifting positions. ``inputs_embeds`` [b, p, d_emb], when given, is fed to the model instead of
+    the embedding of ``batch.input_ids`` (which then only fix the shape; the mask and positions still come from
     ``batch``); it is what the model's input embedding layer would output (a model that scales embeddings, such
     as Gemma, still applies its scale inside).
     """
@@ -33,13 +38,37 @@ def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], l
         inputs["input_ids"] = batch.input_ids
     else:
         inputs["inputs_embeds"] = inputs_embeds
-    kwargs = {"logits_to_keep": 1} if last_only else {}
+    if read_layer is not None:
+        model.check_layer(read_layer)
+        last = max([read_layer, *edits])
+        with model.lm.trace(inputs) as tracer:
+            for layer in range(last + 1):
+                if layer in edits or layer == read_layer:
+                    block = model.block(layer)
+                    if layer in edits:
+                        block.output = edits[layer](block.output)
+                    if layer == read_layer:
+                        residual = block.output.save()
+            tracer.stop()
+        return residual
+    kwargs = {} if all_logits else {"logits_to_keep": batch.read_len}
     with model.lm.trace(inputs, **kwargs):
         for layer in sorted(edits):
             block = model.block(layer)
             block.output = edits[layer](block.output)
         logits = model.lm.output.logits.save()
-    return logits[:, -1] if last_only else logits
+    return logits
+
+
+def run_task(model: LoadedModel, task: TaskSuite, batch: PromptBatch, edits: dict[int, Edit],
+             inputs_embeds: Tensor | None = None) -> Tensor:
+    """What ``task`` reads (logits at its read positions, or the residual at its ``read_layer``) with ``edits``."""
+    return run_edited(model, batch, edits, read_layer=task.read_layer, inputs_embeds=inputs_embeds)
+
+
+def task_forward(model: LoadedModel, task: TaskSuite, edits_for: Callable[[PromptBatch], dict[int, Edit]]) -> Forward:
+    """The :data:`tasks.base.Forward` that :meth:`TaskSuite.score` runs: ``edits_for(batch)`` on any batch."""
+    return lambda batch: run_task(model, task, batch, edits_for(batch))
 
 
 def input_embeddings(model: LoadedModel) -> Tensor:
@@ -60,8 +89,21 @@ def compose(*edits: Edit | None) -> Edit:
 
 
 def add(tensor: Tensor) -> Edit:
-    """An edit adding ``tensor`` (broadcast to [b, p, d])."""
-    return lambda h: h + tensor
+    """An edit adding ``tensor`` [b, p, d] (or anything that broadcasts to ``h``).
+
+    Columns are aligned from the left, so the same ``tensor`` applies to a batch that keeps the prompt's columns
+    and continues differently (cut before a teacher-forced answer, or extended by generated tokens): columns
+    beyond ``tensor`` get nothing, and columns of ``tensor`` beyond ``h`` are dropped.
+    """
+
+    def edit(h: Tensor) -> Tensor:
+        t = tensor
+        if t.dim() == 3 and t.shape[1] != h.shape[1]:
+            t = t[:, : h.shape[1]]
+            t = torch.cat([t, t.new_zeros(t.shape[0], h.shape[1] - t.shape[1], t.shape[2])], 1)
+        return h + t
+
+    return edit
 
 
 def capture(store: dict, key) -> Edit:
@@ -83,8 +125,8 @@ def next_token_kl(model: LoadedModel, batch: PromptBatch, edits_for: Callable[[P
     """
     total, count = 0.0, 0
     for part in batch.chunks(chunk):
-        base = torch.log_softmax(run_edited(model, part, {}, last_only=False), -1)
-        edited = torch.log_softmax(run_edited(model, part, edits_for(part), last_only=False), -1)
+        base = torch.log_softmax(run_edited(model, part, {}, all_logits=True), -1)
+        edited = torch.log_softmax(run_edited(model, part, edits_for(part), all_logits=True), -1)
         kl = (base.exp() * (base - edited)).sum(-1)
         mask = part.attention_mask.bool()
         total += float(kl[mask].sum())

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from benchmark.attack import defense_edits
-from benchmark.forward import add, capture, compose, run_edited
+from benchmark.forward import add, capture, compose, run_edited, task_forward
 from benchmark.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
@@ -57,11 +57,14 @@ def replay_parts(model: LoadedModel, defense: Defense, task: TaskSuite, batch: P
     seen: dict[int, Tensor] = {}
     edits = defense_edits(defense, batch)
     edits[layer] = compose(capture(seen, layer), edits.get(layer))
-    run_edited(model, batch, edits)
+    run_edited(model, batch, edits, read_layer=max(edits))
     parts = split_delta(sae, feats, seen[layer], delta, batch.token_mask)
     scores = {}
     for name, part in parts.items():
-        replay = defense_edits(defense, batch)
-        replay[layer] = compose(add(part), replay.get(layer))
-        scores[name] = task.behavior(run_edited(model, batch, replay), batch)
+        def replay(b: PromptBatch, part=part) -> dict:
+            edits = defense_edits(defense, b)
+            edits[layer] = compose(add(part), edits.get(layer))
+            return edits
+
+        scores[name] = task.score(task_forward(model, task, replay), batch)
     return scores

@@ -250,7 +250,7 @@ def top_attributed_features(ctx: FitContext, layer: int, k: int, chunk: int = 32
     Attribution of latent f: sum over fit examples and editable positions of ``z_f * d b / d z_f``, with the
     SAE spliced in and its error term kept (held constant), so the forward pass equals the clean one.
     """
-    from benchmark.forward import run_edited
+    from benchmark.forward import run_task
 
     sae = ctx.sae(layer).sae
     batch = ctx.fit_batch()
@@ -265,8 +265,7 @@ def top_attributed_features(ctx: FitContext, layer: int, k: int, chunk: int = 32
             err = (h - sae.decode(z)).detach()
             return sae.decode(z + probe) + err
 
-        logits = run_edited(ctx.model, part, {layer: splice})
-        ctx.task.behavior(logits, part).sum().backward()
+        ctx.task.behavior(run_task(ctx.model, ctx.task, part, {layer: splice}), part).sum().backward()
         mask = part.token_mask[..., None]
         total += (latents["z"] * probe.grad * mask).sum((0, 1))
     return torch.topk(total, k).indices.sort().values

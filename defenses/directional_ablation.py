@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from benchmark.errors import BenchmarkError
-from benchmark.forward import capture, run_edited
+from benchmark.forward import capture, run_edited, run_task
 from defenses.base import DEFENSES, Defense, FitContext
 from tasks.base import PromptBatch
 
@@ -49,7 +49,7 @@ class DirectionalAblation(Defense):
         sums, counts = [], []
         for part in batch.chunks(self.chunk):
             seen: dict[int, Tensor] = {}
-            run_edited(ctx.model, part, {layer: capture(seen, layer)})
+            run_edited(ctx.model, part, {layer: capture(seen, layer)}, read_layer=layer)
             m = part.token_mask[..., None].float()
             sums.append((seen[layer] * m).sum(1))
             counts.append(m.sum((1, 2)))
@@ -69,7 +69,7 @@ class DirectionalAblation(Defense):
             neg = self._mean(*self._residuals(ctx, ctx.task.control_batch(), layer))
         else:
             with torch.no_grad():
-                b = torch.cat([ctx.task.behavior(run_edited(ctx.model, part, {}), part)
+                b = torch.cat([ctx.task.behavior(run_task(ctx.model, ctx.task, part, {}), part)
                                for part in fit.chunks(self.chunk)])
             has = b > 0
             if has.all() or not has.any():

@@ -2,8 +2,15 @@
 
 A suite is bound to a model's tokenizer. It gives examples per split (``fit`` for choosing a defense,
 ``dev`` for tuning, ``test`` for the leaderboard; disjoint and fixed by seed), encodes them into a
-:class:`PromptBatch`, scores the behavior from final-position logits (``b > 0`` means the behavior is present),
-and gives the attacker a differentiable per-example loss and a control batch for side effects.
+:class:`PromptBatch`, scores the behavior from what one forward pass reads (``b > 0`` means the behavior is
+present), and gives the attacker a differentiable per-example loss and a control batch for side effects.
+
+What a forward pass reads (see :func:`benchmark.forward.run_edited`): by default the logits at the last
+``batch.read_len`` positions, [b, r, vocab] (``r = 1``: the next token after the prompt; ``r > 1``: the prompt
+ends with ``r - 1`` teacher-forced answer tokens, which the attacker may not edit); with ``read_layer`` set, the
+residual after that block, [b, p, d], and the forward stops there. A suite whose behavior needs more than one
+forward pass (generation) overrides :meth:`TaskSuite.score`; the attacker still stops on :meth:`behavior`, and
+the engine confirms every attacked example with :meth:`score`.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,6 +38,7 @@ class PromptBatch:
     input_ids: Tensor  # [b, p] long
     attention_mask: Tensor  # [b, p] long, 0 on left padding
     targets: dict[str, Tensor] = field(default_factory=dict)  # each [b, ...]
+    read_len: int = 1  # logits are read at the last read_len positions (r - 1 teacher-forced answer tokens)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -45,6 +53,14 @@ class PromptBatch:
         """[b, p] bool: real tokens except each prompt's first, the attention sink (residual norm ~100x)."""
         return (self.attention_mask.bool()) & (self.position_ids > 0)
 
+    @property
+    def prompt_mask(self) -> Tensor:
+        """[b, p] bool: :attr:`token_mask` without the teacher-forced answer tokens (what an attacker may edit)."""
+        mask = self.token_mask.clone()
+        if self.read_len > 1:
+            mask[:, mask.shape[1] - self.read_len + 1:] = False
+        return mask
+
     def select(self, index: Tensor | list[int]) -> "PromptBatch":
         index = torch.as_tensor(index, dtype=torch.long)
         keep = self.attention_mask[index].sum(0) > 0  # drop columns that are padding for every kept row
@@ -53,6 +69,7 @@ class PromptBatch:
             input_ids=self.input_ids[index][:, keep],
             attention_mask=self.attention_mask[index][:, keep],
             targets={k: v[index] for k, v in self.targets.items()},
+            read_len=self.read_len,
         )
 
     def chunks(self, size: int):
@@ -60,11 +77,15 @@ class PromptBatch:
             yield self.select(list(range(start, min(start + size, len(self)))))
 
 
-def encode_prompts(tokenizer, ids: list[str], prompts: list[str], targets: dict[str, Tensor]) -> PromptBatch:
+def encode_prompts(tokenizer, ids: list[str], prompts: list[str], targets: dict[str, Tensor],
+                   read_len: int = 1) -> PromptBatch:
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     if tokenizer.padding_side != "left":
         raise ValueError("prompts must be left-padded so the final position is the last real token")
-    return PromptBatch(ids, enc["input_ids"], enc["attention_mask"], targets)
+    return PromptBatch(ids, enc["input_ids"], enc["attention_mask"], targets, read_len)
+
+
+Forward = Callable[[PromptBatch], Tensor]
 
 
 def file_hash(path: Path) -> str:
@@ -77,9 +98,19 @@ class TaskSuite(ABC):
     name: ClassVar[str]
     version: ClassVar[str]
     description: ClassVar[str]
+    #: True when :meth:`score` judges differently from :meth:`behavior` (e.g. by generation): the attacker stops
+    #: on ``behavior`` and every attacked example is re-judged with ``score``
+    confirms: ClassVar[bool] = False
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.read_layer: int | None = None  # None: the behavior reads logits; L: the residual after block L
+
+    def prepare(self, model) -> None:
+        """Model-dependent set-up before any split is encoded or scored (probes, base answers); default none.
+
+        Runs on the undefended model only; whatever it learns must come from the ``fit`` split (or be the base
+        model's own output on an example, such as the answer a refusal suite teacher-forces)."""
 
     @property
     @abstractmethod
@@ -108,12 +139,21 @@ class TaskSuite(ABC):
         """Tokenize examples into a left-padded batch with the targets the scores need."""
 
     @abstractmethod
-    def behavior(self, logits: Tensor, batch: PromptBatch) -> Tensor:
-        """Behavior score ``b`` [b] from final-position logits [b, vocab]; ``b > 0`` means present."""
+    def behavior(self, read: Tensor, batch: PromptBatch) -> Tensor:
+        """Behavior score ``b`` [b] from what the forward pass reads (see the module docstring); ``b > 0`` means
+        present. Differentiable where the attacker's loss uses it."""
 
-    def attack_loss(self, logits: Tensor, batch: PromptBatch) -> Tensor:
+    def attack_loss(self, read: Tensor, batch: PromptBatch) -> Tensor:
         """Per-example loss [b] the attacker minimizes to bring the behavior back (default: ``-b``)."""
-        return -self.behavior(logits, batch)
+        return -self.behavior(read, batch)
+
+    def score(self, forward: Forward, batch: PromptBatch) -> Tensor:
+        """The judged behavior score [b] with the model that ``forward`` runs (defense and attack already in it).
+
+        ``forward`` takes any batch whose columns begin with ``batch``'s prompt columns (everything but the
+        teacher-forced answer), such as the prompt plus generated tokens. Default: :meth:`behavior` of one pass.
+        """
+        return self.behavior(forward(batch), batch)
 
     @abstractmethod
     def control_batch(self) -> PromptBatch:

@@ -207,7 +207,7 @@ def _residuals(model, defense, batch, embeds=None) -> dict[int, torch.Tensor]:
     for L in range(model.n_layers):
         edits[L] = compose(capture(seen, L), edits.get(L))
     with torch.no_grad():
-        run_edited(model, batch, edits, last_only=False, inputs_embeds=embeds)
+        run_edited(model, batch, edits, all_logits=True, inputs_embeds=embeds)
     return seen
 
 
@@ -255,8 +255,8 @@ def test_run_edited_from_embeddings_matches_token_ids(tiny_model, ioi):
     batch = ioi.encode(ioi.examples("test")[:5])
     embeds = input_embeddings(tiny_model).detach()[batch.input_ids]
     with torch.no_grad():
-        a = run_edited(tiny_model, batch, {}, last_only=False)
-        b = run_edited(tiny_model, batch, {}, last_only=False, inputs_embeds=embeds)
+        a = run_edited(tiny_model, batch, {}, all_logits=True)
+        b = run_edited(tiny_model, batch, {}, all_logits=True, inputs_embeds=embeds)
     assert torch.allclose(a, b, atol=1e-4)
 
 

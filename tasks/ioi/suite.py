@@ -50,7 +50,8 @@ class IOISuite(TaskSuite):
         }
         return encode_prompts(self.tokenizer, [ex["id"] for ex in examples], [ex["prompt"] for ex in examples], targets)
 
-    def behavior(self, logits: Tensor, batch: PromptBatch) -> Tensor:
+    def behavior(self, read: Tensor, batch: PromptBatch) -> Tensor:
+        logits = read[:, -1]  # [b, vocab] after the prompt
         io = logits.gather(-1, batch.targets["io"][:, None])[:, 0]
         s = logits.gather(-1, batch.targets["s"][:, None])[:, 0]
         return io - s
