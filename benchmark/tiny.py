@@ -17,24 +17,31 @@ IOI_DATA = Path(__file__).resolve().parent.parent / "tasks" / "ioi" / "data" / "
 D_MODEL, D_SAE, N_LAYERS = 64, 256, 4
 
 
-def _vocab() -> list[str]:
+def words_of(text: str) -> list[str]:
+    """The tiny tokenizer's pre-tokenization: runs of word characters, and runs of other non-space characters."""
+    return re.findall(r"\w+|[^\w\s]+", text)
+
+
+def _vocab(extra_texts: tuple[str, ...] = ()) -> list[str]:
     data = json.loads(IOI_DATA.read_text())
-    words = set()
+    words = {w for text in extra_texts for w in words_of(text)}
     for split in data["splits"].values():
         for ex in split:
-            words.update(re.findall(r"\w+|[^\w\s]+", ex["prompt"]))
+            words.update(words_of(ex["prompt"]))
     for c in data["control"]:
-        words.update(re.findall(r"\w+|[^\w\s]+", c["text"]))
+        words.update(words_of(c["text"]))
     return ["[PAD]", "[UNK]", "[EOS]"] + sorted(words)
 
 
-def build_tiny_model(folder: Path) -> None:
+def build_tiny_model(folder: Path, extra_texts: tuple[str, ...] = ()) -> None:
+    """The tiny Llama and its word-level tokenizer over the IOI data, plus the words of ``extra_texts`` (a suite's
+    own tests pass its texts so its prompts have no unknown words)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    vocab = _vocab()
+    vocab = _vocab(tuple(extra_texts))
     tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tok.pre_tokenizer = Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
@@ -65,9 +72,9 @@ def build_tiny_saes(folder: Path, d_in: int = D_MODEL, layers=range(N_LAYERS), s
         sae.save_model(folder / f"layer_{layer}")
 
 
-def build_tiny(root: Path) -> Path:
+def build_tiny(root: Path, extra_texts: tuple[str, ...] = ()) -> Path:
     """``root/model`` (the tiny Llama and its tokenizer) and ``root/saes/layer_<L>/``; returns ``root``."""
     root = Path(root)
-    build_tiny_model(root / "model")
+    build_tiny_model(root / "model", extra_texts)
     build_tiny_saes(root / "saes")
     return root
