@@ -30,9 +30,11 @@ editable position of prompt + suffix with the defended run on the same prompt + 
 all of the change is at the suffix positions, and the relative drift divides it by the norm over all positions.
 It makes no C1 claim (``c1_change`` is None) and has no residual ``delta`` to replay.
 
-Budgets are swept in ascending order; an example stops as soon as its behavior score is positive with the
-defense active, and the search at the next budget starts from the previous budget's ``delta`` (feasible there
-too). An example's recovery budget is the smallest swept ``eps`` at which it recovered, and 0 when the starting
+Budgets are swept in ascending order, each example on its own; it stops as soon as its behavior score is
+positive with the defense active, leaves a budget after ``steps`` updates or once its loss has stalled for
+``patience`` updates, and the search at the next budget starts from the previous budget's ``delta`` (feasible
+there too). The part of the network below the attacked site is computed once per chunk; each step runs only the
+blocks from the site up. An example's recovery budget is the smallest swept ``eps`` at which it recovered, and 0 when the starting
 point already shows the behavior (for a valid flip only the soft suffix's initialization can: appending it
 changes the prompt).
 
@@ -66,6 +68,7 @@ OPTIMIZERS = ("adam", "sgd")
 SUFFIX_INIT = "!"  # GCG's conventional suffix initialization; the tokenizer's EOS token where "!" is no token
 CLIP_ROUNDS = 5  # project / per-position clip alternations in mode jacobian before the final uniform shrink
 DRIFT_PROBES = 4  # random directions behind jacobian_residual_drift
+STALL_RTOL = 1e-3  # a loss improves when it drops below the best by this fraction of the best's size
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,10 @@ class AttackConfig:
     # relative budgets swept in ascending order; the low end matters: on the default model an undefended-
     # looking clamp is recovered below 1% of the residual norm, and the recovery budget is what separates defenses
     eps: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
-    steps: int = 20  # optimizer steps per budget
+    steps: int = 20  # optimizer steps per budget, at most
+    # leave a budget early once the loss has not improved for this many steps (None: always run `steps`); on the
+    # default model recoveries come within 1-5 steps of reaching a budget, and a stalled search rarely recovers
+    patience: int | None = 5
     lr: float = 0.1  # step length per position, as a fraction of the current budget eps * ||h_p||
     positions: str = "all"  # all editable prompt positions (all suffix tokens), or the last one
     optimizer: str = "adam"  # adam, or sgd (normalized gradient steps)
@@ -98,6 +104,8 @@ class AttackConfig:
             raise BenchmarkError(f"eps must be positive and ascending, got {list(self.eps)}")
         if self.steps < 1:
             raise BenchmarkError("steps must be >= 1")
+        if self.patience is not None and self.patience < 1:
+            raise BenchmarkError("patience must be >= 1 (or None to run every budget for all its steps)")
         if self.jacobian_rank < 1 or self.jacobian_exact_rows < 0:
             raise BenchmarkError("jacobian_rank must be >= 1 and jacobian_exact_rows >= 0")
         if self.suffix_len < 1:
@@ -139,6 +147,7 @@ class Chunk:
     slot_mask: Tensor  # [n, q] float: slots delta may change
     real: Tensor  # [n, q] bool: slots kept in the outcome (real tokens)
     read_def: dict[int, Tensor]  # defended readouts [n, p, k_L] with delta = 0
+    h_site: Tensor | None = None  # [n, p, d] residual at the attacked site, unattacked (reused by every step)
     basis: Tensor | None = None  # [n, q * d, r] cross-site subspace to project out (mode jacobian)
     jac_rank: Tensor | None = None  # [n]
     jac_exact: bool | None = None
@@ -272,8 +281,11 @@ class RecoveryAttack:
 
     # -- forward passes ------------------------------------------------------------------------------------------
 
-    def _forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool):
-        """Defended forward with ``delta`` applied; returns final-position logits and every site's input."""
+    def _forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool, h_site: Tensor | None = None):
+        """Defended forward with ``delta`` applied; returns what the suite reads and every site's input.
+
+        ``h_site`` [b, p, d], the unattacked residual at the attacked site, skips every block up to the site
+        (nothing there depends on ``delta``); it needs every defended site at or above the attacked one."""
         if self.cfg.mode == "soft_suffix":
             return self._suffix_forward(batch, delta, grad)
         seen: dict[int, Tensor] = {}
@@ -281,9 +293,15 @@ class RecoveryAttack:
         for L in set(self.defense.sites) | {self.layer}:
             edits[L] = compose(add(delta) if L == self.layer and delta is not None else None,
                                capture(seen, L), edits.get(L))
+        prefix = None if h_site is None else (self.layer, h_site)
         with torch.set_grad_enabled(grad):
-            read = run_task(self.model, self.task, batch, edits)
+            read = run_task(self.model, self.task, batch, edits, prefix=prefix)
         return read, seen
+
+    @property
+    def reuses_prefix(self) -> bool:
+        """Whether attack steps skip the blocks below the site (no defended site lies below it)."""
+        return self.layer is not None and all(L >= self.layer for L in self.defense.sites)
 
     def _suffix_forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool, start: int | None = None):
         """Defended forward from input embeddings: the suffix tokens of ``batch`` (``suffix_len`` columns from
@@ -323,7 +341,7 @@ class RecoveryAttack:
         _, seen = self._forward(batch, None, grad=False)
         pos_mask = attacked_positions(batch, self.cfg.positions)
         chunk = Chunk(batch, seen[self.layer].norm(dim=-1), pos_mask, batch.attention_mask.bool(),
-                       self._readouts(seen))
+                       self._readouts(seen), seen[self.layer].detach() if self.reuses_prefix else None)
         if self.cfg.mode == "jacobian":
             self._cross_site(chunk)
         return chunk
@@ -347,7 +365,7 @@ class RecoveryAttack:
         gen = torch.Generator().manual_seed(self.cfg.seed)
         delta = torch.zeros(n, batch.input_ids.shape[1], self.model.d_model, requires_grad=True)
         with torch.enable_grad(), jacobian.twice_differentiable():
-            _, seen = self._forward(batch, delta, grad=True)
+            _, seen = self._forward(batch, delta, grad=True, h_site=chunk.h_site)
             reads = {L: self.defense.readouts(L, seen[L]) for L in self.later_sites}
         first = jacobian.first_row_position(chunk.slot_mask)
         rows = int(jacobian.rows_per_example(reads, batch.token_mask, first).max())
@@ -373,11 +391,21 @@ class RecoveryAttack:
         bar = tqdm(total=len(batch), desc=f"attack[{self.cfg.mode}]", disable=not progress, unit="ex")
         for start in range(0, len(batch), self.cfg.batch_size):
             rows = list(range(start, min(start + self.cfg.batch_size, len(batch))))
-            for out in self._run_chunk(batch.select(rows), bar):
+            for out in self.run_chunk(self.prepare(batch.select(rows)), bar):
                 out.index += start
                 outcomes.append(out)
         bar.close()
         return sorted(outcomes, key=lambda o: o.index)
+
+    @staticmethod
+    def _track_stall(rows: Tensor, loss: Tensor, best: Tensor, stall: Tensor) -> None:
+        """Update each row's best loss at its budget and its count of updates without improving it."""
+        improved = loss < best[rows] - STALL_RTOL * best[rows].abs().nan_to_num(posinf=0.0)
+        best[rows] = torch.where(improved, loss, best[rows])
+        stall[rows] = torch.where(improved, torch.zeros_like(stall[rows]), stall[rows] + 1)
+
+    def _stalled(self, stall: Tensor) -> Tensor:
+        return stall >= self.cfg.patience if self.cfg.patience is not None else torch.zeros_like(stall, dtype=torch.bool)
 
     def _outcome(self, chunk: Chunk, i: int, delta: Tensor, read_att: dict[int, Tensor], row: int,
                  **fields) -> ExampleOutcome:
@@ -418,43 +446,54 @@ class RecoveryAttack:
             return 0.0
         return ((att[self.layer] - site_def).abs().max() / (site_def.pow(2).mean().sqrt() + 1e-6)).item()
 
-    def _run_chunk(self, batch: PromptBatch, bar) -> list[ExampleOutcome]:
-        chunk = self.prepare(batch)
+    def run_chunk(self, chunk: Chunk, bar=None) -> list[ExampleOutcome]:
+        """Attack the examples of one prepared chunk together; outcomes in row order.
+
+        Each example walks the budget sweep on its own: it stops as soon as it recovers, and leaves a budget
+        after ``steps`` updates or, with ``patience``, as soon as its loss has not improved for that many
+        updates (the search at that budget has stalled; the next budget starts from the same ``delta``).
+        """
+        bar = bar if bar is not None else tqdm(disable=True)
         n, p = chunk.batch.input_ids.shape
         suffix = self.cfg.mode == "soft_suffix"
         delta = torch.zeros(n, chunk.ref_norm.shape[1], self.embed.shape[1] if suffix else self.model.d_model)
         adam = _Adam(delta)
+        eps_all = torch.tensor(self.cfg.eps)
         active = torch.ones(n, dtype=torch.bool)
+        exhausted = torch.zeros(n, dtype=torch.bool)  # the last update of the last budget is made
+        level = torch.zeros(n, dtype=torch.long)  # index of the budget the next update uses
+        at_level = torch.zeros(n, dtype=torch.long)  # updates made at that budget
+        best = torch.full((n,), math.inf)  # lowest loss seen at that budget
+        stall = torch.zeros(n, dtype=torch.long)  # updates since it last improved
+        last_eps = torch.zeros(n)  # budget of the update that made the current delta (0: none yet)
         steps_used = torch.zeros(n, dtype=torch.long)
         done: dict[int, ExampleOutcome] = {}
-        # budget used by the update after forward t; forward t scores the delta made under schedule[t - 1]
-        schedule = [eps for eps in self.cfg.eps for _ in range(self.cfg.steps)]
-        for t in range(len(schedule) + 1):
+        while bool(active.any()):
             idx = active.nonzero()[:, 0]
-            if idx.numel() == 0:
-                break
             sub = chunk.batch.select(idx)
             cols = slice(None) if suffix else slice(p - sub.input_ids.shape[1], p)
             d = delta[idx, cols].clone().requires_grad_(True)
-            logits, seen_att = self._forward(sub, d, grad=True)
-            b = self.task.behavior(logits, sub).detach()
+            h_site = None if chunk.h_site is None else chunk.h_site[idx][:, cols]
+            read, seen_att = self._forward(sub, d, grad=True, h_site=h_site)
+            b = self.task.behavior(read, sub).detach()
             reads = self._readouts(seen_att)
             newly = b > 0
-            final = t == len(schedule)
-            budget = schedule[t - 1] if t > 0 else 0.0  # recovered before any step: no budget needed
+            finish = newly | exhausted[idx]
             for r, i in enumerate(idx.tolist()):
-                if newly[r] or final:
+                if finish[r]:
                     done[i] = self._outcome(chunk, i, delta, reads, r, b_attacked=float(b[r]),
                                             recovered=bool(newly[r]), steps_used=int(steps_used[i]),
-                                            recovery_budget=budget if newly[r] else None)
+                                            recovery_budget=float(last_eps[i]) if newly[r] else None)
                     active[i] = False
                     bar.update(1)
-            if final or bool(newly.all()):
+            if bool(finish.all()):
                 break
-            eps = schedule[t]
-            self.task.attack_loss(logits, sub)[~newly].sum().backward()
-            keep = ~newly
+            keep = ~finish
+            loss = self.task.attack_loss(read, sub)
+            loss[keep].sum().backward()
             rows, g = idx[keep], d.grad[keep]
+            self._track_stall(rows, loss.detach()[keep], best, stall)
+            eps = eps_all[level[rows]][:, None]  # [rows, 1]
             steps_used[rows] += 1
             hn = chunk.ref_norm[rows]
             if self.cfg.optimizer == "adam":
@@ -462,10 +501,16 @@ class RecoveryAttack:
             else:
                 direction = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             new = delta[rows].clone()
-            new[:, cols] -= self.cfg.lr * eps * hn[:, cols, None] * direction
+            new[:, cols] -= self.cfg.lr * eps[..., None] * hn[:, cols, None] * direction
             basis = None if chunk.basis is None else chunk.basis[rows]
             delta[rows] = self.project(new, hn, chunk.slot_mask[rows], eps, basis)
-            bar.set_postfix(eps=eps, step=t + 1, active=int(active.sum()))
+            last_eps[rows] = eps[:, 0]
+            at_level[rows] += 1
+            leave = rows[(at_level[rows] >= self.cfg.steps) | self._stalled(stall[rows])]
+            exhausted[leave[level[leave] == len(self.cfg.eps) - 1]] = True
+            level[leave] = (level[leave] + 1).clamp(max=len(self.cfg.eps) - 1)
+            at_level[leave], stall[leave], best[leave] = 0, 0, math.inf
+            bar.set_postfix(eps=float(eps.max()), active=int(active.sum()))
         outcomes = [done[i] for i in sorted(done)]
         if self.task.confirms:
             judged = self.confirm(chunk, delta)

@@ -19,13 +19,18 @@ Edit = Callable[[Tensor], Tensor]
 
 
 def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *, all_logits: bool = False,
-               read_layer: int | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+               read_layer: int | None = None, inputs_embeds: Tensor | None = None,
+               prefix: tuple[int, Tensor] | None = None) -> Tensor:
     """The forward pass with ``edits[L]`` applied to the output of block L, and what it reads:
 
     - ``read_layer`` None: logits at the last ``batch.read_len`` positions, [b, r, vocab] (all positions,
       [b, p, vocab], with ``all_logits``); the unembedding runs only at the positions read;
     - ``read_layer`` L: the residual after block L and its edit, [b, p, d]. The forward stops after the last
       block that is read or edited, so nothing above it runs (pass ``read_layer=max(edits)`` to only capture).
+
+    ``prefix = (S, h)`` reuses a residual computed before: blocks 0..S do not run, block S outputs ``h``
+    [b, p, d] (then ``edits[S]`` applies). It is what the attacker passes, since nothing below its site changes
+    between steps; no edit may sit below S.
 
     Inputs are left-padded, so the last positions are every prompt's last tokens; explicit position ids keep
     padding from shifting positions. ``inputs_embeds`` [b, p, d_emb], when given, is fed to the model instead of
@@ -38,32 +43,34 @@ def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *
         inputs["input_ids"] = batch.input_ids
     else:
         inputs["inputs_embeds"] = inputs_embeds
-    if read_layer is not None:
-        model.check_layer(read_layer)
-        last = max([read_layer, *edits])
-        with model.lm.trace(inputs) as tracer:
-            for layer in range(last + 1):
-                if layer in edits or layer == read_layer:
-                    block = model.block(layer)
-                    if layer in edits:
-                        block.output = edits[layer](block.output)
-                    if layer == read_layer:
-                        residual = block.output.save()
-            tracer.stop()
-        return residual
-    kwargs = {} if all_logits else {"logits_to_keep": batch.read_len}
-    with model.lm.trace(inputs, **kwargs):
-        for layer in sorted(edits):
+    touched = sorted(set(edits) | ({read_layer} if read_layer is not None else set()))
+    for layer in touched:
+        model.check_layer(layer)
+    if prefix is not None and touched and touched[0] < prefix[0]:
+        raise ValueError(f"an edit at layer {touched[0]} lies below the reused prefix (blocks 0..{prefix[0]})")
+    kwargs = {} if all_logits or read_layer is not None else {"logits_to_keep": batch.read_len}
+    with model.lm.trace(inputs, **kwargs) as tracer:
+        if prefix is not None:
+            stop, h = prefix
+            for layer in range(stop + 1):  # skipped: their outputs are never read, only shaped like h
+                model.block(layer).skip(h)
+        for layer in touched:
             block = model.block(layer)
-            block.output = edits[layer](block.output)
-        logits = model.lm.output.logits.save()
-    return logits
+            if layer in edits:
+                block.output = edits[layer](block.output)
+            if layer == read_layer:
+                residual = block.output.save()
+        if read_layer is not None:
+            tracer.stop()
+        else:
+            logits = model.lm.output.logits.save()
+    return residual if read_layer is not None else logits
 
 
 def run_task(model: LoadedModel, task: TaskSuite, batch: PromptBatch, edits: dict[int, Edit],
-             inputs_embeds: Tensor | None = None) -> Tensor:
+             inputs_embeds: Tensor | None = None, prefix: tuple[int, Tensor] | None = None) -> Tensor:
     """What ``task`` reads (logits at its read positions, or the residual at its ``read_layer``) with ``edits``."""
-    return run_edited(model, batch, edits, read_layer=task.read_layer, inputs_embeds=inputs_embeds)
+    return run_edited(model, batch, edits, read_layer=task.read_layer, inputs_embeds=inputs_embeds, prefix=prefix)
 
 
 def task_forward(model: LoadedModel, task: TaskSuite, edits_for: Callable[[PromptBatch], dict[int, Edit]]) -> Forward:

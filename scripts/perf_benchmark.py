@@ -1,0 +1,267 @@
+"""Speed of the recovery attacker against plain torch, and how its cost grows (issue: speed and scale).
+
+Run from the repository root on a quiet machine:
+
+    .venv/bin/python scripts/perf_benchmark.py [--threads 2] [--quick]
+
+It writes ``leaderboard/perf.md`` (tables) and ``leaderboard/perf.json`` (headline figures, with the commit and
+thread count). Everything runs on the default model with the reference ``sae_clamp`` on IOI.
+
+- **step ratio**: one attack step (defended forward from the site with ``delta``, behavior, backward, projection)
+  against the floor, a plain torch forward+backward over exactly the same blocks, batch and tokens with a bare
+  hook adding ``delta`` (the blocks below the site replaced by the cached residual, as the attacker does); the
+  two are timed alternately in one process, median over rounds. The ratio against a plain full-network pass is
+  reported beside it.
+- **speedup vs per-example loop**: the attacker's wall time on N valid flips with the default schedule, against
+  a loop over the same flips at batch 1, full network every step, no early stop (timed on a few steps and
+  extrapolated to the whole schedule, which it would run for every example).
+- **scaling**: steps per second and peak resident memory (each configuration in a fresh process) against batch
+  size, prompt length and number of defended sites, and attack wall time against number of examples.
+- **default battery**: the summed ``wall_seconds`` of the committed records of the default command
+  (``benchmark evaluate --defense sae_clamp``, every suite, encoder attack) at the commit they name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmark.attack import AttackConfig, RecoveryAttack  # noqa: E402
+from benchmark.engine import behavior_scores  # noqa: E402
+from benchmark.models import DEFAULT_MODEL, load_model  # noqa: E402
+from benchmark.records import RECORDS_DIR, git_state, write_text_atomic  # noqa: E402
+from defenses import DEFENSES, FitContext  # noqa: E402
+from tasks import TASKS  # noqa: E402
+from tasks.base import PromptBatch  # noqa: E402
+
+NEVER = (1e-9,)  # a budget at which no valid flip recovers: every step runs on the whole batch
+FILLER = "The weather report said the morning would be cool and the afternoon bright over the hills. "
+
+
+def setup(defense_params: dict | None = None):
+    model = load_model(DEFAULT_MODEL)
+    task = TASKS.get("ioi")(model.tokenizer)
+    task.prepare(model)
+    defense = DEFENSES.get("sae_clamp" if not defense_params or "layers" not in defense_params
+                           else "multi_layer_clamp").create(**(defense_params or {}))
+    defense.fit(FitContext(model, task))
+    test = task.encode(task.examples("test"))
+    valid = (behavior_scores(model, task, test, None) > 0) & (behavior_scores(model, task, test, defense) <= 0)
+    return model, task, defense, test.select(valid.nonzero()[:, 0])
+
+
+def with_filler(batch: PromptBatch, tokenizer, tokens: int) -> PromptBatch:
+    """``batch`` with about ``tokens`` tokens of neutral text before every prompt (longer prompts, same task)."""
+    if tokens <= 0:
+        return batch
+    ids = tokenizer(FILLER * (1 + tokens // 16), add_special_tokens=False)["input_ids"][:tokens]
+    pre = torch.tensor(ids).expand(len(batch), -1)
+    return PromptBatch(batch.ids, torch.cat([pre, batch.input_ids], 1),
+                       torch.cat([torch.ones_like(pre), batch.attention_mask], 1), batch.targets, batch.read_len)
+
+
+def attack_step_seconds(model, task, defense, batch, steps: int) -> float:
+    """Seconds per attacker step on ``batch`` (no example recovers, so each step runs on all of them)."""
+    attack = RecoveryAttack(model, defense, task, AttackConfig(eps=NEVER, steps=steps, batch_size=len(batch)))
+    chunk = attack.prepare(batch)  # timed apart: done once per chunk, not per step
+    t0 = time.perf_counter()
+    attack.run_chunk(chunk)
+    return (time.perf_counter() - t0) / (steps + 1)
+
+
+def plain_step_seconds(model, task, batch, layer: int, steps: int, reuse_prefix: bool) -> float:
+    """Seconds per plain torch forward+backward with a bare hook adding ``delta`` after block ``layer``; with
+    ``reuse_prefix`` the blocks up to ``layer`` are replaced by their cached output (the attacker's blocks)."""
+    hf = model.hf
+    blocks = hf.get_decoder().layers
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    cached = {}
+    grab = blocks[layer].register_forward_hook(lambda m, i, o: cached.setdefault("h", o.detach()))
+    with torch.no_grad():
+        hf(**inputs, logits_to_keep=1)
+    grab.remove()
+    delta = torch.zeros_like(cached["h"], requires_grad=True)
+    hooks = [blocks[layer].register_forward_hook(lambda m, i, o: o + delta)]
+    saved = {}
+    if reuse_prefix:
+        for L in range(layer + 1):
+            saved[L] = blocks[L].forward
+            blocks[L].forward = lambda *a, **k: cached["h"]
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = hf(**inputs, logits_to_keep=1).logits
+            task.attack_loss(logits, batch).sum().backward()
+            delta.grad = None
+        return (time.perf_counter() - t0) / steps
+    finally:
+        for h in hooks:
+            h.remove()
+        for L, fwd in saved.items():
+            blocks[L].forward = fwd
+
+
+def step_ratio(model, task, defense, flips, batch_size: int, steps: int, rounds: int) -> dict:
+    batch = flips.select(list(range(min(batch_size, len(flips)))))
+    layer = min(defense.sites)
+    ours, same, full = [], [], []
+    for _ in range(rounds):  # alternate, so drifting machine load hits all three alike
+        ours.append(attack_step_seconds(model, task, defense, batch, steps))
+        same.append(plain_step_seconds(model, task, batch, layer, steps, reuse_prefix=True))
+        full.append(plain_step_seconds(model, task, batch, layer, steps, reuse_prefix=False))
+    o, s, f = (statistics.median(x) for x in (ours, same, full))
+    return {"batch": len(batch), "tokens": int(batch.input_ids.shape[1]), "layer": layer, "attack_step_s": o,
+            "plain_same_blocks_s": s, "plain_full_network_s": f, "ratio_same_blocks": o / s, "ratio_full": o / f}
+
+
+def per_example_speedup(model, task, defense, flips, n: int, probe_steps: int) -> dict:
+    """Our attack on ``n`` flips against a per-example loop (batch 1, full network, no early stop)."""
+    batch = flips.select(list(range(min(n, len(flips)))))
+    cfg = AttackConfig()
+    t0 = time.perf_counter()
+    outcomes = RecoveryAttack(model, defense, task, cfg).run(batch, progress=False)
+    ours = time.perf_counter() - t0
+    per_step = statistics.median(
+        plain_step_seconds(model, task, batch.select([i]), min(defense.sites), probe_steps, reuse_prefix=False)
+        for i in range(min(3, len(batch))))
+    schedule = len(cfg.eps) * cfg.steps
+    loop = per_step * schedule * len(batch)
+    return {"examples": len(batch), "attack_seconds": ours, "per_example_step_s": per_step,
+            "schedule_steps": schedule, "per_example_loop_seconds": loop, "speedup": loop / ours,
+            "recovered": sum(o.recovered for o in outcomes),
+            "mean_steps_used": sum(o.steps_used for o in outcomes) / max(len(outcomes), 1)}
+
+
+def one_config(spec: dict) -> dict:
+    """Steps per second and peak memory of one configuration (run in a fresh process by :func:`scaling`)."""
+    torch.set_num_threads(spec["threads"])
+    model, task, defense, flips = setup(spec.get("defense"))
+    batch = flips.select(list(range(min(spec["batch"], len(flips)))))
+    batch = with_filler(batch, model.tokenizer, spec.get("filler", 0))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sec = attack_step_seconds(model, task, defense, batch, spec["steps"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {**spec, "tokens": int(batch.input_ids.shape[1]), "steps_per_s": 1 / sec,
+            "peak_rss_mib": peak / 1024, "rss_before_mib": base / 1024}
+
+
+def scaling(threads: int, steps: int, quick: bool) -> list[dict]:
+    configs = [{"family": "batch", "batch": b} for b in ((1, 8, 32) if quick else (1, 8, 32, 64))]
+    configs += [{"family": "prompt length", "batch": 8, "filler": f} for f in ((0, 64) if quick else (0, 32, 96, 224))]
+    configs += [{"family": "defended sites", "batch": 8, "defense": {"layers": layers}}
+                for layers in ([12, 16], [8, 12, 16])]
+    rows = []
+    for spec in configs:
+        spec = {**spec, "threads": threads, "steps": steps}
+        out = subprocess.run([sys.executable, __file__, "--one-config", json.dumps(spec)], capture_output=True,
+                             text=True, check=True, cwd=ROOT)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def examples_scaling(model, task, defense, flips, sizes) -> list[dict]:
+    rows = []
+    for n in sizes:
+        batch = flips.select(list(range(min(n, len(flips)))))
+        t0 = time.perf_counter()
+        RecoveryAttack(model, defense, task, AttackConfig()).run(batch, progress=False)
+        rows.append({"examples": len(batch), "attack_seconds": time.perf_counter() - t0})
+    return rows
+
+
+def default_battery_seconds(model_name: str = DEFAULT_MODEL) -> dict:
+    """Summed wall time of the committed records the default command writes (sae_clamp, encoder, every suite)."""
+    seconds, found, commits = 0.0, [], set()
+    for task in TASKS.names():
+        path = RECORDS_DIR / model_name / "sae_clamp" / f"{task}__encoder.json"
+        if path.exists():
+            rec = json.loads(path.read_text())
+            seconds += rec["provenance"]["wall_seconds"]
+            found.append(task)
+            commits.add(rec["provenance"]["git_commit"][:10])
+    return {"seconds": seconds, "suites": found, "commits": sorted(commits)}
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    from tabulate import tabulate
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (dict, list)) else v
+
+    return tabulate([[fmt(r.get(c)) for c in cols] for r in rows], headers=cols, tablefmt="github")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--quick", action="store_true", help="fewer configurations and rounds (a smoke run)")
+    ap.add_argument("--one-config", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=ROOT / "leaderboard")
+    args = ap.parse_args()
+    if args.one_config:
+        print(json.dumps(one_config(json.loads(args.one_config))))
+        return
+    torch.set_num_threads(args.threads)
+    commit, dirty = git_state()
+    t_start = time.time()
+    model, task, defense, flips = setup()
+    steps, rounds = (3, 2) if args.quick else (5, 3)
+    print("step ratio ...", file=sys.stderr, flush=True)
+    ratio = step_ratio(model, task, defense, flips, 64, steps, rounds)
+    print(f"  {ratio}\nper-example speedup ...", file=sys.stderr, flush=True)
+    speed = per_example_speedup(model, task, defense, flips, 32 if args.quick else 64, steps)
+    print(f"  {speed}\nscaling ...", file=sys.stderr, flush=True)
+    scale = scaling(args.threads, steps, args.quick)
+    print("examples ...", file=sys.stderr, flush=True)
+    by_examples = examples_scaling(model, task, defense, flips, (16, 32) if args.quick else (16, 32, 64, 128))
+    battery = default_battery_seconds()
+    headline = {
+        "step_ratio_vs_raw": ratio["ratio_same_blocks"],
+        "step_ratio_vs_raw_full_network": ratio["ratio_full"],
+        "speedup_vs_per_example": speed["speedup"],
+        "default_battery_seconds": battery["seconds"] if battery["suites"] else None,
+        "default_battery_suites": battery["suites"],
+        "default_battery_record_commits": battery["commits"],
+        "cpu_threads": args.threads,
+        "device": "cpu",
+        "quick": args.quick,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "benchmark_seconds": time.time() - t_start,
+    }
+    md = [
+        "# Attacker speed (generated by `scripts/perf_benchmark.py`; do not edit)", "",
+        f"Commit `{commit[:10]}`{' (dirty)' if dirty else ''}, {args.threads} CPU thread(s), "
+        f"default model, `sae_clamp` on IOI, float32.", "",
+        "## One attack step against plain torch", "",
+        table([ratio], list(ratio)), "",
+        "## Batched attack with early stop against a per-example loop", "",
+        table([speed], list(speed)), "",
+        "## Scaling (each configuration in a fresh process)", "",
+        table(scale, ["family", "batch", "tokens", "defense", "steps_per_s", "peak_rss_mib"]), "",
+        "## Attack wall time against number of examples", "",
+        table(by_examples, ["examples", "attack_seconds"]), "",
+        "## Default battery", "",
+        table([battery], ["seconds", "suites", "commits"]), "",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out / "perf.md", "\n".join(md))
+    write_text_atomic(args.out / "perf.json", json.dumps(headline, indent=2) + "\n")
+    print(json.dumps(headline, indent=2))
+
+
+if __name__ == "__main__":
+    main()
