@@ -1,4 +1,4 @@
-"""Command line: ``benchmark evaluate | validate | leaderboard | defenses | tasks | train-saes``."""
+"""Command line: ``benchmark evaluate | merge | validate | leaderboard | defenses | tasks | train-saes``."""
 
 from __future__ import annotations
 
@@ -49,15 +49,19 @@ def cmd_evaluate(args) -> int | None:
     from benchmark.attack import AttackConfig
     from benchmark.engine import evaluate
     from benchmark.models import load_model
+    from benchmark.records import SHARD_FILE
+    from benchmark.shards import Shard
     from defenses import DEFENSES
     from defenses.base import check_params
     from tasks import TASKS
 
+    shard = Shard.parse(args.shard)
     for t in args.tasks:
         TASKS.get(t)
     params = _parse_params(args.param)
     cfgs = [AttackConfig(mode=m, eps=args.eps, steps=args.steps, lr=args.lr, positions=args.positions,
                          optimizer=args.optimizer, seed=args.seed, batch_size=args.batch_size, layer=args.attack_layer,
+                         patience=args.patience or None,
                          jacobian_rank=args.jacobian_rank, jacobian_exact_rows=args.jacobian_exact_rows,
                          suffix_len=args.suffix_len)
             for m in args.attack]
@@ -74,21 +78,43 @@ def cmd_evaluate(args) -> int | None:
     for task in args.tasks:
         for cfg in cfgs:
             t0 = time.time()
-            print(f"== {args.defense} on {task}, attack {cfg.mode}", flush=True)
-            record, path = evaluate(model, args.defense, task, cfg, params, args.sae_dir,
-                                    Path(args.records_dir), progress=not args.quiet, command=command)
-            c, m = record["counts"], record["metrics"]
-            rate = "n/a" if m["recovery_rate"] is None else f"{m['recovery_rate']:.3f}"
-            print(f"   {c['valid_flips']} valid flips of {c['base_behavior']} with the behavior "
-                  f"({c['examples']} examples); recovered {c['recovered']} (rate {rate}); "
-                  f"{time.time() - t0:.0f} s -> {path}", flush=True)
+            print(f"== {args.defense} on {task}, attack {cfg.mode}" + (f", shard {shard}" if shard.count > 1 else ""),
+                  flush=True)
+            out, path = evaluate(model, args.defense, task, cfg, params, args.sae_dir, Path(args.records_dir),
+                                 progress=not args.quiet, command=command, shard=shard)
+            if SHARD_FILE.match(path.name):
+                print(f"   shard {shard}: {len(out['chunks'])} of {out['chunks_total']} chunks; "
+                      f"{time.time() - t0:.0f} s -> {path} (`benchmark merge` makes the record)", flush=True)
+            else:
+                _summary(out, f"{time.time() - t0:.0f} s -> {path}")
+
+
+def _summary(record: dict, tail: str) -> None:
+    c, m = record["counts"], record["metrics"]
+    rate = "n/a" if m["recovery_rate"] is None else f"{m['recovery_rate']:.3f}"
+    print(f"   {c['valid_flips']} valid flips of {c['base_behavior']} with the behavior ({c['examples']} examples); "
+          f"recovered {c['recovered']} (rate {rate}); {tail}", flush=True)
+
+
+def cmd_merge(args) -> None:
+    from benchmark.shards import merge, shard_files
+
+    command = "benchmark " + " ".join(shlex.quote(a) for a in args.argv)
+    for record_path, files in sorted(shard_files([Path(p) for p in args.paths]).items()):
+        record = merge(record_path, files, command)
+        _summary(record, f"merged {len(files)} shards -> {record_path}")
+        if not args.keep_shards:
+            for f in files:
+                f.unlink()
 
 
 def cmd_leaderboard(args) -> None:
-    from benchmark.leaderboard import write_leaderboard
+    from benchmark.leaderboard import LEADERBOARD_DIR, README, write_leaderboard
 
-    path = write_leaderboard(Path(args.records_dir), Path(args.out_dir))
-    print(f"wrote {path}")
+    out_dir = Path(args.out_dir)
+    readme = Path(args.readme) if args.readme else README if out_dir.resolve() == LEADERBOARD_DIR.resolve() else None
+    for path in write_leaderboard(Path(args.records_dir), out_dir, readme):
+        print(f"wrote {path}")
 
 
 def cmd_defenses(args) -> None:
@@ -132,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     default = AttackConfig()
 
-    ev = sub.add_parser("evaluate", help="run a defense against task suites and the recovery attacker")
+    ev = sub.add_parser("evaluate", help="run a defense against task suites and the recovery attacker",
+                        description="Run a defense against task suites and the recovery attacker; one record per "
+                                    "(suite, attack mode). The attack runs in chunks of --batch-size valid flips, "
+                                    "saved after each to <suite>__<mode>.json.partial: rerun the same command after "
+                                    "an interruption and it resumes there. A record this very run (same fingerprint: "
+                                    "inputs, settings, code) already wrote is not run again.")
     ev.add_argument("--defense", required=True,
                     help="registered defense name (see `benchmark defenses`) or a submission folder "
                          "(submissions/<name>; runs its code in a child process)")
@@ -146,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--positions", choices=POSITIONS, default=default.positions)
     ev.add_argument("--optimizer", choices=OPTIMIZERS, default=default.optimizer)
     ev.add_argument("--seed", type=int, default=default.seed)
-    ev.add_argument("--batch-size", type=int, default=default.batch_size)
+    ev.add_argument("--batch-size", type=int, default=default.batch_size,
+                    help="valid flips attacked together: one chunk of work (resume and --shard work per chunk)")
+    ev.add_argument("--patience", type=int, default=default.patience,
+                    help="leave a budget after this many steps without progress (0: run every budget's steps)")
     ev.add_argument("--attack-layer", type=int, default=None, help="attacked block (default: first defended site)")
     ev.add_argument("--jacobian-rank", type=int, default=default.jacobian_rank,
                     help="random probes of the low-rank Jacobian estimate (mode jacobian)")
@@ -161,16 +195,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--timeout", type=float, default=EVALUATE_TIMEOUT,
                     help="time limit in seconds for a submission's child process")
+    ev.add_argument("--shard", default="0/1", metavar="I/N",
+                    help="run only shard I of N (attack chunks whose index is I modulo N) and write "
+                         "<suite>__<mode>.shard-I-of-N.json beside the record; `benchmark merge` makes the record")
     ev.set_defaults(func=cmd_evaluate)
+
+    me = sub.add_parser("merge", help="combine the shard files of `evaluate --shard` into run records",
+                        description="Combine shard files (<suite>__<mode>.shard-i-of-n.json) into the record a "
+                                    "single run writes, beside them. Every shard of a run must be there and have "
+                                    "the same fingerprint. The shard files are removed afterwards.")
+    me.add_argument("paths", nargs="+", help="shard files, or folders to search for them (e.g. leaderboard/records)")
+    me.add_argument("--keep-shards", action="store_true", help="keep the shard files after merging")
+    me.set_defaults(func=cmd_merge)
 
     va = sub.add_parser("validate", help="check a submitted defense (runs its code in a child process)")
     va.add_argument("folder", help="submission folder, e.g. submissions/decoder_span_ablation")
     va.add_argument("--timeout", type=float, default=VALIDATE_TIMEOUT, help="time limit in seconds")
     va.set_defaults(func=cmd_validate)
 
-    lb = sub.add_parser("leaderboard", help="regenerate leaderboard/README.md from the run records")
+    lb = sub.add_parser("leaderboard", help="regenerate leaderboard/README.md, leaderboard.csv, index.html and the "
+                                             "table in README.md from the run records")
     lb.add_argument("--records-dir", default=str(RECORDS_DIR))
     lb.add_argument("--out-dir", default=str(RECORDS_DIR.parent))
+    lb.add_argument("--readme", default=None,
+                    help="README whose leaderboard section to rewrite (default: the repository's README.md when "
+                         "--out-dir is the default, else none)")
     lb.set_defaults(func=cmd_leaderboard)
 
     sub.add_parser("defenses", help="list registered defenses").set_defaults(func=cmd_defenses)

@@ -1,8 +1,10 @@
-"""The flow of one run: fit the defense, score base and defended behavior, attack the valid flips, replay the
-recovered ones, measure side effects, and write the run record."""
+"""The flow of one run: fit the defense, score base and defended behavior, measure side effects, attack the valid
+flips chunk by chunk (replaying each chunk's recovered ones), and write the run record. Chunks make a run
+resumable and shardable (see :mod:`benchmark.shards`)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -14,11 +16,13 @@ from torch import Tensor
 from benchmark import __version__
 from benchmark.attack import AttackConfig, ExampleOutcome, RecoveryAttack, defense_edits
 from benchmark.forward import capture, compose, next_token_kl, run_edited, task_forward
-from benchmark.metrics import budget_curve, summarize
+from benchmark.metrics import is_valid_flip
 from benchmark.models import LoadedModel
-from benchmark.records import RECORDS_DIR, SCHEMA_VERSION, git_state, provenance, record_path, write_record
+from benchmark.records import (RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance, record_path,
+                               working_tree_hash, write_record)
 from benchmark.replay import replay_parts, stack_deltas
 from benchmark.saes import LoadedSAE
+from benchmark.shards import WHOLE, PartialRun, Shard, chunk_rows, fingerprint, partial_path, recorded_fingerprint
 from defenses.base import DEFENSES, Defense, FitContext
 from tasks.base import TASKS, PromptBatch, TaskSuite
 
@@ -67,10 +71,17 @@ def evaluate(
     records_root: Path = RECORDS_DIR,
     progress: bool = True,
     command: str = "",
+    shard: Shard = WHOLE,
 ) -> tuple[dict, Path]:
-    """Run one (model, defense, task, attack mode) and write its record; returns the record and its path."""
+    """Run one (model, defense, task, attack mode) and write its record; returns the record and its path.
+
+    Finished chunks of an interrupted run with the same fingerprint are not run again; a finished record with
+    it is returned as it is. With ``shard`` i/n only that shard's chunks run, and the return value is the
+    shard's partial run and its path (``benchmark merge`` makes the record).
+    """
     started = time.time()
     git = git_state()  # the code that runs is the code at the start, whatever changes meanwhile
+    code = {"commit": git[0], "dirty": git[1], "diff": working_tree_hash() if git[1] else None}
     torch.manual_seed(attack_cfg.seed)
     task = TASKS.get(task_name)(model.tokenizer)
     defense = DEFENSES.get(defense_name).create(**(defense_params or {}))
@@ -80,53 +91,54 @@ def evaluate(
         defense.fit(FitContext(model, task, sae_dir))
     test = task.encode(task.examples("test"))
     with _phase("score base and defended", progress):
-        b_base = behavior_scores(model, task, test, None)
-        b_def = behavior_scores(model, task, test, defense)
-    valid = (b_base > 0) & (b_def <= 0)
-    flip_idx = valid.nonzero()[:, 0]
-    flips = test.select(flip_idx)
-    attack = RecoveryAttack(model, defense, task, attack_cfg) if len(flip_idx) else None
-    outcomes = attack.run(flips, progress=progress) if attack else []
+        scored = [{"id": i, "b_base": float(b), "b_defended": float(d)} for i, b, d in
+                  zip(test.ids, behavior_scores(model, task, test, None), behavior_scores(model, task, test, defense))]
+    flips = test.select([r for r, s in enumerate(scored) if is_valid_flip(s["b_base"], s["b_defended"])])
+    attack = RecoveryAttack(model, defense, task, attack_cfg) if len(flips) else None
+    head = run_head(model, defense, task, attack_cfg, attack, scored)
+    run_id = fingerprint(head, attack_cfg.to_record(), code)
+    path = record_path(model.name, defense.name, task.name, attack_cfg.mode, records_root)
+    if recorded_fingerprint(path) == run_id:
+        print(f"done already: {path} comes from this very run (same fingerprint); delete it to run again", flush=True)
+        return load_record(path), path
+    with _phase("side effect, edit size and task metrics", progress):
+        defended = lambda part: defense_edits(defense, part)  # noqa: E731
+        head["side_effect"] = next_token_kl(model, task.control_batch(), defended) if defense.sites else 0.0
+        head["defense_edit_rel"] = defense_edit_size(model, defense, test)
+        head["task_metrics"] = task.task_metrics(task_forward(model, task, lambda part: {}),
+                                                 task_forward(model, task, defended))
+    n_chunks = math.ceil(len(flips) / attack_cfg.batch_size)
+    partial = PartialRun.resume(partial_path(path, shard), run_id, shard, n_chunks, head,
+                                lambda seconds: provenance(seconds, command, git, run_id), started)
+    for c in partial.todo():
+        with _phase(f"chunk {c + 1} of {n_chunks}", progress):
+            partial.add(c, attack_chunk(attack, flips.select(chunk_rows(c, attack_cfg.batch_size, len(flips))),
+                                        progress))
+    if shard != WHOLE:
+        return partial.save(), partial.path
+    record = partial.record()
+    write_record(record, path)
+    partial.path.unlink(missing_ok=True)
+    return record, path
 
-    rec_rows = [o.index for o in outcomes if o.recovered]
-    replays = None
-    if rec_rows and attack.layer is not None:  # path replay splits a residual delta (not the soft suffix)
-        rec_batch = flips.select(rec_rows)
-        delta = stack_deltas(rec_batch, [outcomes[i].delta for i in rec_rows])
-        with _phase("path replay", progress):
-            replays = replay_parts(model, defense, task, rec_batch, delta, attack.layer)
-    replay_of = {}
-    if replays is not None:
-        for j, i in enumerate(rec_rows):
-            replay_of[i] = {"residual_replay": bool(replays["error"][j] > 0), "latent_replay": bool(replays["latent"][j] > 0)}
 
-    by_test_row = {int(flip_idx[o.index]): o for o in outcomes}
-    rows = []
-    for r, ex_id in enumerate(test.ids):
-        o = by_test_row.get(r)
-        row = {"id": ex_id, "b_base": float(b_base[r]), "b_defended": float(b_def[r]),
-               "b_attacked": o.b_attacked if o else None, "valid_flip": bool(valid[r]),
-               "recovered": bool(o and o.recovered), "steps_used": o.steps_used if o else 0,
-               "recovery_budget": o.recovery_budget if o else None, "delta_rel": o.delta_rel if o else None,
-               "drift_abs": o.drift_abs if o else None, "drift_rel": o.drift_rel if o else None,
-               "reactivation": o.reactivation if o else None, "c1_change": o.c1_change if o else None,
-               "jacobian_residual_drift": o.jacobian_residual if o else None,
-               "residual_replay": None, "latent_replay": None}
-        if o is not None and o.index in replay_of:
-            row.update(replay_of[o.index])
-        rows.append(row)
-
-    replay_rates = {}
-    if replays is not None:
-        n = len(rec_rows)
-        replay_rates = {"residual": sum(v["residual_replay"] for v in replay_of.values()) / n,
-                        "latent": sum(v["latent_replay"] for v in replay_of.values()) / n}
-    control = task.control_batch()
-    with _phase("side effect and edit size", progress):
-        side_effect = next_token_kl(model, control, lambda part: defense_edits(defense, part)) if defense.sites else 0.0
-        edit_size = defense_edit_size(model, defense, test)
-    counts, metrics = summarize(rows, side_effect, edit_size, replay_rates)
-    record = {
+def run_head(model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackConfig,
+             attack: RecoveryAttack | None, scored: list[dict]) -> dict:
+    """Every part of the record that does not come from the attack: model, SAEs, fitted defense, task, the attack's
+    settings, and each test example's base and defended scores (``examples``). The engine adds ``side_effect``,
+    ``defense_edit_rel`` and ``task_metrics``; :func:`benchmark.records.build_record` the rest."""
+    settings = {"mode": cfg.mode, "steps": cfg.steps, "lr": cfg.lr, "eps_rel": cfg.eps[-1], "eps_sweep": list(cfg.eps),
+                "positions": cfg.positions, "jacobian_rank": None, "seed": cfg.seed, "optimizer": cfg.optimizer,
+                "batch_size": cfg.batch_size, "patience": cfg.patience}
+    if attack is not None and attack.layer is not None:
+        settings["layer"] = attack.layer
+    if cfg.mode == "jacobian":
+        settings.update(jacobian_probes=cfg.jacobian_rank, jacobian_exact_rows=cfg.jacobian_exact_rows)
+    if cfg.mode == "soft_suffix":
+        settings["suffix_len"] = cfg.suffix_len
+        if attack is not None:
+            settings["suffix_init"] = attack.suffix_text
+    return {
         "schema_version": SCHEMA_VERSION,
         "benchmark_version": __version__,
         "model": {"name": model.name, "revision": model.revision},
@@ -135,46 +147,38 @@ def evaluate(
                     "defended": defense.defended()},
         "task": {"name": task.name, "version": task.version, "data_hash": task.data_hash(), "split": "test",
                  "split_hashes": task.split_hashes()},
-        "attack": attack_section(attack_cfg, attack, outcomes),
-        "counts": counts,
-        "metrics": metrics,
-        "budget_curve": budget_curve(rows, attack_cfg.eps),
-        "examples": rows,
-        "provenance": provenance(time.time() - started, command, git),
+        "attack": settings,
+        "examples": scored,
     }
-    path = record_path(model.name, defense.name, task.name, attack_cfg.mode, records_root)
-    write_record(record, path)
-    return record, path
 
 
-def attack_section(cfg: AttackConfig, attack: RecoveryAttack | None, outcomes: list[ExampleOutcome]) -> dict:
-    """The record's ``attack`` object: the settings, plus what the mode used.
+def attack_chunk(attack: RecoveryAttack, batch: PromptBatch, progress: bool) -> list[dict]:
+    """Attack one chunk of valid flips and replay its recovered ones: one result per example, in order.
 
-    ``eps_abs`` is the largest relative budget times the mean norm of the perturbed value (residual at the
-    attacked site, or the suffix's initial embedding). ``jacobian_rank`` (mode jacobian): the largest rank of the
-    cross-site subspace projected out of an example's ``delta``; ``jacobian_estimate`` says whether it came from
-    the exact Jacobian, the randomized estimate with ``jacobian_probes`` probes, or both (different chunks).
+    A result holds the record's per-example attack fields (:data:`benchmark.records.ATTACK_FIELDS`) and what the
+    record's attack section needs (``h_norm_mean``, ``jacobian_rank``, ``jacobian_exact``), all JSON values.
     """
-    h_norms = [o.h_norm_mean for o in outcomes]
-    eps_rel = cfg.eps[-1]
-    out = {"mode": cfg.mode, "steps": cfg.steps, "lr": cfg.lr,
-           "eps_abs": eps_rel * (sum(h_norms) / len(h_norms) if h_norms else 0.0), "eps_rel": eps_rel,
-           "eps_sweep": list(cfg.eps), "positions": cfg.positions, "jacobian_rank": None,
-           "seed": cfg.seed, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size}
-    if attack is not None and attack.layer is not None:
-        out["layer"] = attack.layer
-    if cfg.mode == "jacobian":
-        exact = {o.jacobian_exact for o in outcomes}
-        out.update(jacobian_probes=cfg.jacobian_rank, jacobian_exact_rows=cfg.jacobian_exact_rows,
-                   jacobian_estimate=None if not exact else "mixed" if len(exact) > 1 else
-                   "exact" if exact == {True} else "randomized")
-        if outcomes:
-            out["jacobian_rank"] = max(o.jacobian_rank for o in outcomes)
-    if cfg.mode == "soft_suffix":
-        out["suffix_len"] = cfg.suffix_len
-        if attack is not None:
-            out["suffix_init"] = attack.suffix_text
-    return out
+    outcomes = attack.run(batch, progress=progress)
+    recovered = [o.index for o in outcomes if o.recovered]
+    replayed: dict[int, tuple[bool, bool]] = {}
+    if recovered and attack.layer is not None:  # path replay splits a residual delta (not the soft suffix)
+        rec_batch = batch.select(recovered)
+        delta = stack_deltas(rec_batch, [outcomes[i].delta for i in recovered])
+        replays = replay_parts(attack.model, attack.defense, attack.task, rec_batch, delta, attack.layer)
+        if replays is not None:
+            replayed = {i: (bool(replays["error"][j] > 0), bool(replays["latent"][j] > 0))
+                        for j, i in enumerate(recovered)}
+    return [_result(batch.ids[o.index], o, replayed.get(o.index)) for o in outcomes]
+
+
+def _result(example_id: str, o: ExampleOutcome, replay: tuple[bool, bool] | None) -> dict:
+    return {"id": example_id, "b_attacked": o.b_attacked, "recovered": o.recovered, "steps_used": o.steps_used,
+            "recovery_budget": o.recovery_budget, "delta_rel": o.delta_rel, "drift_abs": o.drift_abs,
+            "drift_rel": o.drift_rel, "reactivation": o.reactivation, "c1_change": o.c1_change,
+            "jacobian_residual_drift": o.jacobian_residual,
+            "residual_replay": None if replay is None else replay[0],
+            "latent_replay": None if replay is None else replay[1],
+            "h_norm_mean": o.h_norm_mean, "jacobian_rank": o.jacobian_rank, "jacobian_exact": o.jacobian_exact}
 
 
 def _describe_sae(sae: LoadedSAE) -> dict:

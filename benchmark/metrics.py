@@ -21,6 +21,11 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def is_valid_flip(b_base: float, b_defended: float) -> bool:
+    """A valid flip: the behavior is present without the defense and absent with it."""
+    return b_base > 0 and b_defended <= 0
+
+
 def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 

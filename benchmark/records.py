@@ -1,11 +1,14 @@
-"""Run records: validation against the JSON schema, provenance, and crash-safe writing."""
+"""Run records: assembly from a run's parts, validation against the JSON schema, provenance, crash-safe writing,
+and where a run's files live."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import hashlib
 import platform
+import re
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmark.errors import BenchmarkError
+from benchmark.metrics import budget_curve, is_valid_flip, summarize
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "run_record.schema.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +94,84 @@ def record_path(model: str, defense: str, task: str, mode: str, root: Path = REC
     return root / safe(model) / safe(defense) / f"{task}__{mode}.json"
 
 
+#: a shard's partial run beside its record: ``<suite>__<mode>.shard-<i>-of-<n>.json`` (not a run record)
+SHARD_FILE = re.compile(r"^(?P<stem>.+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)\.json$")
+
+
+def shard_path(record: Path, index: int, count: int) -> Path:
+    """Where shard ``index`` of ``count`` keeps its partial run (see :mod:`benchmark.shards`)."""
+    return record.with_name(f"{record.stem}.shard-{index}-of-{count}.json")
+
+
+def checkpoint_path(record: Path) -> Path:
+    """Where an unsharded run keeps its finished chunks until the record is written."""
+    return record.with_name(record.name + ".partial")
+
+
+def record_files(root: Path = RECORDS_DIR) -> list[Path]:
+    """Every run record under ``root`` (shard files are partial runs, not records)."""
+    return sorted(p for p in Path(root).rglob("*.json") if not SHARD_FILE.match(p.name))
+
+
+#: per-example fields that come from the attack (the rest of a row comes from scoring base and defended)
+ATTACK_FIELDS = ("b_attacked", "recovered", "steps_used", "recovery_budget", "delta_rel", "drift_abs", "drift_rel",
+                 "reactivation", "c1_change", "jacobian_residual_drift", "residual_replay", "latent_replay")
+
+
+def _row(scored: dict, result: dict | None) -> dict:
+    """One ``examples`` entry: a test example's scores, with its attack result when it is a valid flip."""
+    row = {"id": scored["id"], "b_base": scored["b_base"], "b_defended": scored["b_defended"], "b_attacked": None,
+           "valid_flip": result is not None, "recovered": False, "steps_used": 0}
+    row.update({k: None for k in ATTACK_FIELDS if k not in row})
+    if result is not None:
+        if result["id"] != scored["id"]:
+            raise BenchmarkError(f"attack result for '{result['id']}' where '{scored['id']}' was expected; "
+                                 "the partial run does not belong to these scores: delete it and run again")
+        row.update({k: result[k] for k in ATTACK_FIELDS})
+    return row
+
+
+def attack_section(settings: dict, results: list[dict]) -> dict:
+    """The record's ``attack`` object: the run's settings plus what the attack used.
+
+    ``eps_abs`` is the largest relative budget times the mean norm of the perturbed value (residual at the
+    attacked site, or the suffix's initial embedding). ``jacobian_rank`` (mode jacobian): the largest rank of the
+    cross-site subspace projected out of an example's ``delta``; ``jacobian_estimate`` says whether it came from
+    the exact Jacobian, the randomized estimate with ``jacobian_probes`` probes, or both (different chunks).
+    """
+    h_norms = [r["h_norm_mean"] for r in results]
+    out = {**settings, "eps_abs": settings["eps_rel"] * (sum(h_norms) / len(h_norms) if h_norms else 0.0)}
+    if settings["mode"] == "jacobian":
+        exact = {r["jacobian_exact"] for r in results}
+        out["jacobian_estimate"] = (None if not exact else "mixed" if len(exact) > 1 else
+                                    "exact" if exact == {True} else "randomized")
+        if results:
+            out["jacobian_rank"] = max(r["jacobian_rank"] for r in results)
+    return out
+
+
+def build_record(head: dict, results: list[dict], provenance: dict) -> dict:
+    """The run record from its parts: ``head`` (everything that does not come from the attack: see
+    :func:`benchmark.engine.run_head`) and one attack result per valid flip, in test order."""
+    flips = [is_valid_flip(s["b_base"], s["b_defended"]) for s in head["examples"]]
+    if sum(flips) != len(results):
+        raise BenchmarkError(f"{len(results)} attack results for {sum(flips)} valid flips; "
+                             "the partial run does not belong to these scores: delete it and run again")
+    pending = iter(results)
+    rows = [_row(s, next(pending) if flip else None) for s, flip in zip(head["examples"], flips)]
+    replayed = [r for r in rows if r["residual_replay"] is not None]
+    replay = {} if not replayed else {
+        "residual": sum(r["residual_replay"] for r in replayed) / len(replayed),
+        "latent": sum(r["latent_replay"] for r in replayed) / len(replayed)}
+    counts, metrics = summarize(rows, head["side_effect"], head["defense_edit_rel"], replay)
+    record = {k: head[k] for k in ("schema_version", "benchmark_version", "model", "saes", "defense", "task")}
+    record.update(attack=attack_section(head["attack"], results), counts=counts, metrics=metrics,
+                  budget_curve=budget_curve(rows, head["attack"]["eps_sweep"]), examples=rows, provenance=provenance)
+    if head.get("task_metrics"):
+        record["task_metrics"] = head["task_metrics"]
+    return record
+
+
 def git_state() -> tuple[str, bool]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -101,6 +183,18 @@ def git_state() -> tuple[str, bool]:
         return commit, dirty
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
+
+
+def working_tree_hash() -> str | None:
+    """sha256 of the uncommitted changes to tracked code (outside ``leaderboard/``); None where there are none.
+
+    With :func:`git_state` it names the code a run ran (untracked files are not covered)."""
+    try:
+        diff = subprocess.run(["git", "diff", "HEAD", "--binary", "--", ".", ":(exclude)leaderboard"], cwd=REPO_ROOT,
+                              capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return "sha256:" + hashlib.sha256(diff).hexdigest() if diff else None
 
 
 def package_versions() -> dict[str, str]:
@@ -117,10 +211,11 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def provenance(wall_seconds: float, command: str, git: tuple[str, bool]) -> dict:
-    """Where and how a run was made; ``git`` is :func:`git_state` taken when the run started."""
+def provenance(wall_seconds: float, command: str, git: tuple[str, bool], fingerprint: str | None = None) -> dict:
+    """Where and how a run was made; ``git`` is :func:`git_state` taken when the run started, ``fingerprint``
+    the run's (:func:`benchmark.shards.fingerprint`)."""
     commit, dirty = git
-    return {
+    out = {
         "git_commit": commit,
         "git_dirty": dirty,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -130,3 +225,6 @@ def provenance(wall_seconds: float, command: str, git: tuple[str, bool]) -> dict
         "wall_seconds": round(wall_seconds, 1),
         "command": command,
     }
+    if fingerprint is not None:
+        out["fingerprint"] = fingerprint
+    return out

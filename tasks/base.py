@@ -155,6 +155,11 @@ class TaskSuite(ABC):
         """
         return self.behavior(forward(batch), batch)
 
+    def task_metrics(self, base: Forward, defended: Forward) -> dict[str, float | None]:
+        """Suite-specific metrics of the defense, recorded under ``task_metrics`` (e.g. TPP's accuracy drops);
+        ``base`` and ``defended`` run the model without and with the defense. Default: none."""
+        return {}
+
     @abstractmethod
     def control_batch(self) -> PromptBatch:
         """Neutral prompts on which the defense should not change the next-token distribution."""

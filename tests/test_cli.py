@@ -62,3 +62,36 @@ def test_evaluate_and_leaderboard_on_tiny_model(capsys, tiny_dir, tmp_path):
     assert code == 0
     table = (tmp_path / "README.md").read_text()
     assert "| sae_clamp" in table and "ioi" in table and "records/" in table
+    written = [line.removeprefix("wrote ") for line in capsys.readouterr().out.splitlines()]
+    assert sorted(written) == sorted(str(tmp_path / n) for n in ("README.md", "index.html", "leaderboard.csv")), \
+        "with another --out-dir the repository README is left alone"
+
+
+def test_bad_shard_and_nothing_to_merge(capsys, tmp_path):
+    code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--shard", "2/2")
+    assert code == 2 and err.count("\n") == 0 and "shard 2/2 does not exist" in err
+    code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--shard", "half")
+    assert code == 2 and "--shard expects i/n" in err
+    code, err = _run(capsys, "merge", str(tmp_path))
+    assert code == 2 and err.count("\n") == 0 and "no shard files" in err
+
+
+def test_sharded_evaluate_then_merge(capsys, tiny_dir, tmp_path, monkeypatch):
+    from benchmark import engine
+
+    monkeypatch.setattr(engine, "working_tree_hash", lambda: None)  # edits meanwhile must not split the shards
+    records = tmp_path / "records"
+    args = ["evaluate", "--defense", "sae_clamp", "--model", str(tiny_dir / "model"), "--sae-dir",
+            str(tiny_dir / "saes"), "-D", "layer=1", "-D", "k=4", "--eps", "0.1,0.5", "--steps", "5",
+            "--batch-size", "16", "--records-dir", str(records), "--quiet"]
+    for i in range(2):
+        assert main([*args, "--shard", f"{i}/2"]) == 0
+        assert f"shard {i}/2:" in capsys.readouterr().out
+    assert sorted(p.name for p in records.rglob("*.json")) == ["ioi__encoder.shard-0-of-2.json",
+                                                               "ioi__encoder.shard-1-of-2.json"]
+    assert main(["merge", str(records)]) == 0
+    assert "merged 2 shards" in capsys.readouterr().out
+    (path,) = records.rglob("*.json")
+    assert path.name == "ioi__encoder.json", "the shard files are removed once merged"
+    assert main(args) == 0
+    assert "done already" in capsys.readouterr().out
