@@ -232,6 +232,7 @@ class RecoveryAttack:
     """Runs the configured attack on a batch of valid flips against a fitted defense."""
 
     def __init__(self, model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackConfig):
+        model.check_local("the recovery attack")  # remote (NDIF) traces return values, not gradients
         self.model, self.defense, self.task, self.cfg = model, defense, task, cfg
         self.basis = None  # [d, c] orthonormal C1 directions at the attacked site
         self.layer: int | None = None

@@ -73,7 +73,7 @@ def cmd_evaluate(args) -> int | None:
     check_params(DEFENSES.get(args.defense), params)  # fail on a bad name or parameter before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, remote=args.remote)
     command = "benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for task in args.tasks:
         for cfg in cfgs:
@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(submissions/<name>; runs its code in a child process)")
     ev.add_argument("--tasks", type=_csv, default=["ioi"], help="comma-separated suites (see `benchmark tasks`)")
     ev.add_argument("--model", default=DEFAULT_MODEL, help="registered model name or a local HF model folder")
+    ev.add_argument("--remote", action="store_true",
+                    help="run every forward pass on NDIF (nnsight remote execution; needs NDIF_API_KEY, and a hub "
+                         "model NDIF hosts). Gradients do not come back: the attack and gradient-attributed "
+                         "fitting refuse to run (README: Remote execution)")
     ev.add_argument("--attack", type=_csv, default=[default.mode],
                     help=f"comma-separated attack modes: {', '.join(ATTACK_MODES)}")
     ev.add_argument("--eps", type=_floats, default=default.eps, help="ascending relative budgets to sweep")
@@ -238,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at run time; avoids 30 s of retries per look-up
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "remote", False):  # a remote model's config and tokenizer come from the hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at run time; avoids 30 s of retries per look-up
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.func(args) or 0

@@ -3,6 +3,11 @@
 An edit is a differentiable function of the residual stream after a block, ``h [b, p, d] -> h' [b, p, d]``.
 Defenses, the attacker's ``delta`` and replays are all composed into edits, so the defense acts in every
 forward pass the benchmark makes, in the order the threat model fixes (``delta`` first, then the defense).
+
+On a remote model (``LoadedModel.remote``, nnsight's NDIF execution) the trace's code and every value it references
+(edits, their tensors, defenses, SAEs) are serialized and run on the server, and only saved values come back:
+what ``run_edited`` returns and what :func:`capture` edits recorded (it brings their stores back), without an
+autograd graph (a gradient through them raises :class:`BenchmarkError`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from benchmark.errors import BenchmarkError
 from benchmark.models import LoadedModel
 from tasks.base import Forward, PromptBatch, TaskSuite
 
@@ -49,22 +55,54 @@ def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *
     if prefix is not None and touched and touched[0] < prefix[0]:
         raise ValueError(f"an edit at layer {touched[0]} lies below the reused prefix (blocks 0..{prefix[0]})")
     kwargs = {} if all_logits or read_layer is not None else {"logits_to_keep": batch.read_len}
-    with model.lm.trace(inputs, **kwargs) as tracer:
-        if prefix is not None:
-            stop, h = prefix
-            for layer in range(stop + 1):  # skipped: their outputs are never read, only shaped like h
-                model.block(layer).skip(h)
-        for layer in touched:
-            block = model.block(layer)
-            if layer in edits:
-                block.output = edits[layer](block.output)
-            if layer == read_layer:
-                residual = block.output.save()
-        if read_layer is not None:
-            tracer.stop()
-        else:
-            logits = model.lm.output.logits.save()
-    return residual if read_layer is not None else logits
+    local_stores = _capture_stores(edits) if model.remote else []
+    bring_back = bool(local_stores)
+    with model.remote_errors():  # a remote model's trace runs on NDIF (see LoadedModel.remote)
+        with model.lm.trace(inputs, **kwargs, **model.trace_options()) as tracer:
+            if bring_back:  # on the server these are copies of capture()'s stores, filled there
+                stores = _capture_stores(edits).save()
+            if prefix is not None:
+                stop, h = prefix
+                for layer in range(stop + 1):  # skipped: their outputs are never read, only shaped like h
+                    model.block(layer).skip(h)
+            for layer in touched:
+                block = model.block(layer)
+                if layer in edits:
+                    block.output = edits[layer](block.output)
+                if layer == read_layer:
+                    residual = block.output.save()
+            if read_layer is not None:
+                tracer.stop()
+            else:
+                logits = model.lm.output.logits.save()
+    out = residual if read_layer is not None else logits
+    if bring_back:
+        for mine, returned in zip(local_stores, stores):
+            mine.update({k: _graphless(v) for k, v in returned.items()})
+    return _graphless(out) if model.remote else out
+
+
+class _NoRemoteGradient(torch.autograd.Function):
+    """Identity whose backward raises: marks a value that came back from a remote trace without its graph."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        raise BenchmarkError(
+            "a gradient was asked through a remote (NDIF) forward pass: the trace runs on the server and returns "
+            "saved values without their autograd graph, so nothing here (the attack, or fitting a defense by "
+            "gradient attribution) can get gradients from it. Run it locally (without --remote)"
+        )
+
+
+def _graphless(value):
+    """A tensor that came back from a remote trace, made to raise on backward when grad mode is on."""
+    if isinstance(value, Tensor) and value.is_floating_point() and torch.is_grad_enabled():
+        return _NoRemoteGradient.apply(value.detach().requires_grad_())
+    return value
 
 
 def run_task(model: LoadedModel, task: TaskSuite, batch: PromptBatch, edits: dict[int, Edit],
@@ -83,16 +121,21 @@ def input_embeddings(model: LoadedModel) -> Tensor:
     return model.hf.get_input_embeddings().weight
 
 
-def compose(*edits: Edit | None) -> Edit:
-    """Apply edits left to right, skipping ``None``."""
-    chain = [e for e in edits if e is not None]
+class _Compose:
+    """:func:`compose`'s edit (a class, not a closure, so that :func:`_capture_stores` can look inside)."""
 
-    def edit(h: Tensor) -> Tensor:
-        for e in chain:
+    def __init__(self, chain: list[Edit]) -> None:
+        self.chain = chain
+
+    def __call__(self, h: Tensor) -> Tensor:
+        for e in self.chain:
             h = e(h)
         return h
 
-    return edit
+
+def compose(*edits: Edit | None) -> Edit:
+    """Apply edits left to right, skipping ``None``."""
+    return _Compose([e for e in edits if e is not None])
 
 
 def add(tensor: Tensor) -> Edit:
@@ -113,14 +156,37 @@ def add(tensor: Tensor) -> Edit:
     return edit
 
 
-def capture(store: dict, key) -> Edit:
-    """An edit that records the residual it sees (keeping the autograd graph) and passes it on unchanged."""
+class _Capture:
+    """:func:`capture`'s edit (a class, not a closure, so that :func:`_capture_stores` finds its store)."""
 
-    def edit(h: Tensor) -> Tensor:
-        store[key] = h
+    def __init__(self, store: dict, key) -> None:
+        self.store, self.key = store, key
+
+    def __call__(self, h: Tensor) -> Tensor:
+        self.store[self.key] = h
         return h
 
-    return edit
+
+def capture(store: dict, key) -> Edit:
+    """An edit that records the residual it sees (keeping the autograd graph) and passes it on unchanged."""
+    return _Capture(store, key)
+
+
+def _capture_stores(edits: dict[int, Edit]) -> list[dict]:
+    """The stores of every :func:`capture` among ``edits`` (inside :func:`compose` too), each once, in order."""
+    found: list[dict] = []
+
+    def walk(edit) -> None:
+        if isinstance(edit, _Capture):
+            if not any(s is edit.store for s in found):
+                found.append(edit.store)
+        elif isinstance(edit, _Compose):
+            for part in edit.chain:
+                walk(part)
+
+    for edit in edits.values():
+        walk(edit)
+    return found
 
 
 @torch.no_grad()

