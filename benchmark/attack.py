@@ -31,9 +31,10 @@ all of the change is at the suffix positions, and the relative drift divides it 
 It makes no C1 claim (``c1_change`` is None) and has no residual ``delta`` to replay.
 
 Budgets are swept in ascending order, each example on its own; it stops as soon as its behavior score is
-positive with the defense active, leaves a budget after ``steps`` updates or once its loss has stalled for
-``patience`` updates, and the search at the next budget starts from the previous budget's ``delta`` (feasible
-there too). The part of the network below the attacked site is computed once per chunk; each step runs only the
+positive with the defense active, and leaves a budget after ``steps`` updates or earlier, once the search
+there cannot make it: after at least ``patience`` updates at the budget, when the behavior score, extrapolated
+over the updates left at twice its mean gain over the last ``patience`` updates, stays <= 0. The search at the next
+budget starts from the previous budget's ``delta`` (feasible there too). The part of the network below the attacked site is computed once per chunk; each step runs only the
 blocks from the site up. An example's recovery budget is the smallest swept ``eps`` at which it recovered, and 0 when the starting
 point already shows the behavior (for a valid flip only the soft suffix's initialization can: appending it
 changes the prompt).
@@ -68,7 +69,7 @@ OPTIMIZERS = ("adam", "sgd")
 SUFFIX_INIT = "!"  # GCG's conventional suffix initialization; the tokenizer's EOS token where "!" is no token
 CLIP_ROUNDS = 5  # project / per-position clip alternations in mode jacobian before the final uniform shrink
 DRIFT_PROBES = 4  # random directions behind jacobian_residual_drift
-STALL_RTOL = 1e-3  # a loss improves when it drops below the best by this fraction of the best's size
+HOPE = 2.0  # a budget is left early only if twice the recent gain per update could not bring b above 0
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,10 @@ class AttackConfig:
     # looking clamp is recovered below 1% of the residual norm, and the recovery budget is what separates defenses
     eps: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
     steps: int = 20  # optimizer steps per budget, at most
-    # leave a budget early once the loss has not improved for this many steps (None: always run `steps`); on the
-    # default model recoveries come within 1-5 steps of reaching a budget, and a stalled search rarely recovers
-    patience: int | None = 5
+    # updates at a budget before the attacker may leave it early, judged by the gain of b over the last `patience`
+    # updates (None: always run `steps`). On the default model recoveries came within 1-5 steps of reaching a
+    # budget, while budgets too small ran all their steps.
+    patience: int | None = 4
     lr: float = 0.1  # step length per position, as a fraction of the current budget eps * ||h_p||
     positions: str = "all"  # all editable prompt positions (all suffix tokens), or the last one
     optimizer: str = "adam"  # adam, or sgd (normalized gradient steps)
@@ -104,8 +106,8 @@ class AttackConfig:
             raise BenchmarkError(f"eps must be positive and ascending, got {list(self.eps)}")
         if self.steps < 1:
             raise BenchmarkError("steps must be >= 1")
-        if self.patience is not None and self.patience < 1:
-            raise BenchmarkError("patience must be >= 1 (or None to run every budget for all its steps)")
+        if self.patience is not None and self.patience < 2:
+            raise BenchmarkError("patience must be >= 2 (or None to run every budget for all its steps)")
         if self.jacobian_rank < 1 or self.jacobian_exact_rows < 0:
             raise BenchmarkError("jacobian_rank must be >= 1 and jacobian_exact_rows >= 0")
         if self.suffix_len < 1:
@@ -398,15 +400,14 @@ class RecoveryAttack:
         bar.close()
         return sorted(outcomes, key=lambda o: o.index)
 
-    @staticmethod
-    def _track_stall(rows: Tensor, loss: Tensor, best: Tensor, stall: Tensor) -> None:
-        """Update each row's best loss at its budget and its count of updates without improving it."""
-        improved = loss < best[rows] - STALL_RTOL * best[rows].abs().nan_to_num(posinf=0.0)
-        best[rows] = torch.where(improved, loss, best[rows])
-        stall[rows] = torch.where(improved, torch.zeros_like(stall[rows]), stall[rows] + 1)
-
-    def _stalled(self, stall: Tensor) -> Tensor:
-        return stall >= self.cfg.patience if self.cfg.patience is not None else torch.zeros_like(stall, dtype=torch.bool)
+    def _hopeless(self, recent: Tensor, updates_left: Tensor) -> Tensor:
+        """[rows] bool: the search at the current budget cannot bring b above 0 in ``updates_left`` [rows] updates,
+        judged from ``recent`` [rows, patience], b at the last forward passes at that budget (NaN: not yet seen)."""
+        if self.cfg.patience is None:
+            return torch.zeros(len(recent), dtype=torch.bool)
+        gain = ((recent[:, -1] - recent[:, 0]) / (recent.shape[1] - 1)).clamp(min=0)
+        reach = recent[:, -1] + HOPE * gain * updates_left
+        return ~torch.isnan(recent[:, 0]) & (reach <= 0)
 
     def _outcome(self, chunk: Chunk, i: int, delta: Tensor, read_att: dict[int, Tensor], row: int,
                  **fields) -> ExampleOutcome:
@@ -451,22 +452,21 @@ class RecoveryAttack:
         """Attack the examples of one prepared chunk together; outcomes in row order.
 
         Each example walks the budget sweep on its own: it stops as soon as it recovers, and leaves a budget
-        after ``steps`` updates or, with ``patience``, as soon as its loss has not improved for that many
-        updates (the search at that budget has stalled; the next budget starts from the same ``delta``).
+        after ``steps`` updates or once the search there cannot make it (see the module docstring); the next
+        budget starts from the same ``delta``.
         """
         bar = bar if bar is not None else tqdm(disable=True)
         n, p = chunk.batch.input_ids.shape
         suffix = self.cfg.mode == "soft_suffix"
         delta = torch.zeros(n, chunk.ref_norm.shape[1], self.embed.shape[1] if suffix else self.model.d_model)
         adam = _Adam(delta)
-        eps_all = torch.tensor(self.cfg.eps)
+        eps_all = torch.tensor(self.cfg.eps, dtype=torch.float64)
         active = torch.ones(n, dtype=torch.bool)
         exhausted = torch.zeros(n, dtype=torch.bool)  # the last update of the last budget is made
         level = torch.zeros(n, dtype=torch.long)  # index of the budget the next update uses
         at_level = torch.zeros(n, dtype=torch.long)  # updates made at that budget
-        best = torch.full((n,), math.inf)  # lowest loss seen at that budget
-        stall = torch.zeros(n, dtype=torch.long)  # updates since it last improved
-        last_eps = torch.zeros(n)  # budget of the update that made the current delta (0: none yet)
+        recent = torch.full((n, self.cfg.patience or 2), math.nan)  # b at the last forwards at that budget
+        last_eps = torch.zeros(n, dtype=torch.float64)  # budget of the update that made delta (0: none yet)
         steps_used = torch.zeros(n, dtype=torch.long)
         done: dict[int, ExampleOutcome] = {}
         while bool(active.any()):
@@ -493,8 +493,8 @@ class RecoveryAttack:
             loss = self.task.attack_loss(read, sub)
             loss[keep].sum().backward()
             rows, g = idx[keep], d.grad[keep]
-            self._track_stall(rows, loss.detach()[keep], best, stall)
-            eps = eps_all[level[rows]][:, None]  # [rows, 1]
+            recent[rows] = torch.cat([recent[rows, 1:], b[keep, None]], 1)
+            eps = eps_all[level[rows]][:, None].float()  # [rows, 1]
             steps_used[rows] += 1
             hn = chunk.ref_norm[rows]
             if self.cfg.optimizer == "adam":
@@ -505,12 +505,13 @@ class RecoveryAttack:
             new[:, cols] -= self.cfg.lr * eps[..., None] * hn[:, cols, None] * direction
             basis = None if chunk.basis is None else chunk.basis[rows]
             delta[rows] = self.project(new, hn, chunk.slot_mask[rows], eps, basis)
-            last_eps[rows] = eps[:, 0]
+            last_eps[rows] = eps_all[level[rows]]
             at_level[rows] += 1
-            leave = rows[(at_level[rows] >= self.cfg.steps) | self._stalled(stall[rows])]
+            left = self.cfg.steps - at_level[rows]
+            leave = rows[(left <= 0) | self._hopeless(recent[rows], left)]
             exhausted[leave[level[leave] == len(self.cfg.eps) - 1]] = True
             level[leave] = (level[leave] + 1).clamp(max=len(self.cfg.eps) - 1)
-            at_level[leave], stall[leave], best[leave] = 0, 0, math.inf
+            at_level[leave], recent[leave] = 0, math.nan
             bar.set_postfix(eps=float(eps.max()), active=int(active.sum()))
         outcomes = [done[i] for i in sorted(done)]
         if self.task.confirms:

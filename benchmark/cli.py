@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=default.batch_size,
                     help="valid flips attacked together: one chunk of work (resume and --shard work per chunk)")
     ev.add_argument("--patience", type=int, default=default.patience,
-                    help="leave a budget after this many steps without progress (0: run every budget's steps)")
+                    help="steps at a budget before the attacker may leave it early, when the recent gain of the behavior score cannot reach 0 in the steps left (0: run every budget's steps)")
     ev.add_argument("--attack-layer", type=int, default=None, help="attacked block (default: first defended site)")
     ev.add_argument("--jacobian-rank", type=int, default=default.jacobian_rank,
                     help="random probes of the low-rank Jacobian estimate (mode jacobian)")
