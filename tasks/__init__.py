@@ -2,5 +2,6 @@
 
 from tasks.base import TASKS, PromptBatch, TaskSuite
 from tasks.ioi import suite as _ioi  # noqa: F401  (registers "ioi")
+from tasks.tpp import suite as _tpp  # noqa: F401  (registers "tpp")
 
 __all__ = ["TASKS", "PromptBatch", "TaskSuite"]
