@@ -42,6 +42,10 @@ def _csv(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
+#: ``--defense reference``: every suite runs its own reference defense (``TaskSuite.reference_defense``)
+REFERENCE = "reference"
+
+
 def cmd_evaluate(args) -> int | None:
     import torch
 
@@ -56,6 +60,7 @@ def cmd_evaluate(args) -> int | None:
     from tasks import TASKS
 
     shard = Shard.parse(args.shard)
+    args.tasks = args.tasks or TASKS.names()
     for t in args.tasks:
         TASKS.get(t)
     params = _parse_params(args.param)
@@ -65,22 +70,30 @@ def cmd_evaluate(args) -> int | None:
                          jacobian_rank=args.jacobian_rank, jacobian_exact_rows=args.jacobian_exact_rows,
                          suffix_len=args.suffix_len)
             for m in args.attack]
-    if submissions.is_submission_ref(args.defense):
-        sub = submissions.active(args.defense)
-        if sub is None:  # run the submitted code in a child process with a time limit; it comes back here
-            return submissions.evaluate_in_child(args.defense, args.argv, args.timeout)
-        args.defense, params = sub.name, {**sub.params(), **params}
-    check_params(DEFENSES.get(args.defense), params)  # fail on a bad name or parameter before the model loads
+    if args.defense == REFERENCE:
+        if params:
+            raise BenchmarkError("-D parameters belong to one named defense; with --defense reference every suite "
+                                 "runs its reference defense with its defaults")
+        runs = [(TASKS.get(t).reference_defense, t) for t in args.tasks]
+    else:
+        if submissions.is_submission_ref(args.defense):
+            sub = submissions.active(args.defense)
+            if sub is None:  # run the submitted code in a child process with a time limit; it comes back here
+                return submissions.evaluate_in_child(args.defense, args.argv, args.timeout)
+            args.defense, params = sub.name, {**sub.params(), **params}
+        runs = [(args.defense, t) for t in args.tasks]
+    for defense, _ in runs:  # fail on a bad name or parameter before the model loads
+        check_params(DEFENSES.get(defense), params)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, remote=args.remote)
     command = "benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    for task in args.tasks:
+    for defense, task in runs:
         for cfg in cfgs:
             t0 = time.time()
-            print(f"== {args.defense} on {task}, attack {cfg.mode}" + (f", shard {shard}" if shard.count > 1 else ""),
+            print(f"== {defense} on {task}, attack {cfg.mode}" + (f", shard {shard}" if shard.count > 1 else ""),
                   flush=True)
-            out, path = evaluate(model, args.defense, task, cfg, params, args.sae_dir, Path(args.records_dir),
+            out, path = evaluate(model, defense, task, cfg, params, args.sae_dir, Path(args.records_dir),
                                  progress=not args.quiet, command=command, shard=shard)
             if SHARD_FILE.match(path.name):
                 print(f"   shard {shard}: {len(out['chunks'])} of {out['chunks_total']} chunks; "
@@ -128,7 +141,7 @@ def cmd_tasks(args) -> None:
     from tasks import TASKS
 
     for name, cls in TASKS.items():
-        print(f"{name:24s} {cls.description}")
+        print(f"{name:12s} reference defense {getattr(cls, 'reference_defense', '-'):18s} {cls.description}")
 
 
 def cmd_validate(args) -> None:
@@ -165,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "an interruption and it resumes there. A record this very run (same fingerprint: "
                                     "inputs, settings, code) already wrote is not run again.")
     ev.add_argument("--defense", required=True,
-                    help="registered defense name (see `benchmark defenses`) or a submission folder "
-                         "(submissions/<name>; runs its code in a child process)")
-    ev.add_argument("--tasks", type=_csv, default=["ioi"], help="comma-separated suites (see `benchmark tasks`)")
+                    help="registered defense name (see `benchmark defenses`), a submission folder "
+                         "(submissions/<name>; runs its code in a child process), or `reference`: each suite's "
+                         "own reference defense")
+    ev.add_argument("--tasks", type=_csv, default=None,
+                    help="comma-separated suites (see `benchmark tasks`; default: every registered suite)")
     ev.add_argument("--model", default=DEFAULT_MODEL, help="registered model name or a local HF model folder")
     ev.add_argument("--remote", action="store_true",
                     help="run every forward pass on NDIF (nnsight remote execution; needs NDIF_API_KEY, and a hub "

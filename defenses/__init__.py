@@ -7,6 +7,7 @@ from defenses import sae_reconstruct_clamp as _sae_reconstruct_clamp  # noqa: F4
 from defenses import error_projection_clamp as _error_projection_clamp  # noqa: F401  ("error_projection_clamp")
 from defenses import directional_ablation as _directional_ablation  # noqa: F401  ("directional_ablation")
 from defenses import none as _none  # noqa: F401  (registers "none")
+from defenses import unlearning_clamp as _unlearning_clamp  # noqa: F401  (registers "unlearning_clamp")
 from defenses import probe_ablation as _probe_ablation  # noqa: F401  (registers "tpp_ablation")
 
 __all__ = ["DEFENSES", "Defense", "FitContext", "SAEFeatureDefense"]

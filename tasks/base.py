@@ -101,6 +101,8 @@ class TaskSuite(ABC):
     #: True when :meth:`score` judges differently from :meth:`behavior` (e.g. by generation): the attacker stops
     #: on ``behavior`` and every attacked example is re-judged with ``score``
     confirms: ClassVar[bool] = False
+    #: the defense this suite's behavior is usually suppressed with (``benchmark evaluate --defense reference``)
+    reference_defense: ClassVar[str]
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

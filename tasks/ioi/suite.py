@@ -18,6 +18,7 @@ DATA = Path(__file__).parent / "data" / "ioi.json"
 @TASKS.register("ioi")
 class IOISuite(TaskSuite):
     version = "1.0"
+    reference_defense = "sae_clamp"
     description = "IOI: templated ABBA/BABA prompts, b = logit(IO) - logit(S) at the final position"
 
     @property

@@ -96,6 +96,7 @@ def balanced_accuracy(logits: Tensor, positive: Tensor) -> float:
 @TASKS.register("tpp")
 class TPPSuite(TaskSuite):
     version = "1.0"
+    reference_defense = "tpp_ablation"
     description = ("TPP: one-vs-rest probes on mean-pooled residuals of medical abstracts (sae-probes "
                    "101_disease_class); b = the neoplasms probe's margin on neoplasms texts")
     target: ClassVar[str] = TARGET
