@@ -15,10 +15,12 @@ thread count). Everything runs on the default model with the reference ``sae_cla
 - **speedup vs per-example loop**: the attacker's wall time on N valid flips with the default schedule, against
   a loop over the same flips at batch 1, full network every step, no early stop (timed on a few steps and
   extrapolated to the whole schedule, which it would run for every example).
-- **scaling**: steps per second and peak resident memory (each configuration in a fresh process) against batch
-  size, prompt length and number of defended sites, and attack wall time against number of examples.
+- **scaling**: steps per second and peak resident memory of the attack steps (each configuration in a fresh
+  process, the peak mark reset after the model is loaded) against batch size, prompt length and number of
+  defended sites, and attack wall time against number of examples.
 - **default battery**: the summed ``wall_seconds`` of the committed records of the default command
-  (``benchmark evaluate --defense sae_clamp``, every suite, encoder attack) at the commit they name.
+  (``benchmark evaluate --defense reference``: every suite with its reference defense, encoder attack) at the
+  commits they name.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -151,11 +152,24 @@ def one_config(spec: dict) -> dict:
     model, task, defense, flips = setup(spec.get("defense"), n_test=2 * spec["batch"] + 16)
     batch = flips.select(list(range(min(spec["batch"], len(flips)))))
     batch = with_filler(batch, model.tokenizer, spec.get("filler", 0))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = rss_mib("VmRSS")
+    reset_peak_rss()  # loading the model peaks far above an attack step: measure the attack's own peak
     sec = attack_step_seconds(model, task, defense, batch, spec["steps"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {**spec, "tokens": int(batch.input_ids.shape[1]), "steps_per_s": 1 / sec,
-            "peak_rss_mib": peak / 1024, "rss_before_mib": base / 1024}
+            "peak_rss_mib": rss_mib("VmHWM"), "attack_peak_over_rest_mib": rss_mib("VmHWM") - base}
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark of this process (Linux: writing 5 to /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def rss_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field} (this measurement needs Linux)")
 
 
 def scaling(threads: int, steps: int, quick: bool) -> list[dict]:
@@ -184,10 +198,11 @@ def examples_scaling(model, task, defense, flips, sizes) -> list[dict]:
 
 
 def default_battery_seconds(model_name: str = DEFAULT_MODEL) -> dict:
-    """Summed wall time of the committed records the default command writes (sae_clamp, encoder, every suite)."""
+    """Summed wall time of the committed records the default command writes (``benchmark evaluate --defense
+    reference``: every suite with its reference defense, encoder attack)."""
     seconds, found, commits = 0.0, [], set()
-    for task in TASKS.names():
-        path = RECORDS_DIR / model_name / "sae_clamp" / f"{task}__encoder.json"
+    for task, cls in TASKS.items():
+        path = RECORDS_DIR / model_name / cls.reference_defense / f"{task}__encoder.json"
         if path.exists():
             rec = json.loads(path.read_text())
             seconds += rec["provenance"]["wall_seconds"]
@@ -253,7 +268,8 @@ def main() -> None:
         "## Batched attack with early stop against a per-example loop", "",
         table([speed], list(speed)), "",
         "## Scaling (each configuration in a fresh process)", "",
-        table(scale, ["family", "batch", "tokens", "defense", "steps_per_s", "peak_rss_mib"]), "",
+        table(scale, ["family", "batch", "tokens", "defense", "steps_per_s", "peak_rss_mib",
+                      "attack_peak_over_rest_mib"]), "",
         "## Attack wall time against number of examples", "",
         table(by_examples, ["examples", "attack_seconds"]), "",
         "## Default battery", "",
