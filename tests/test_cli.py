@@ -51,8 +51,8 @@ def test_unknown_attack_mode_and_bad_param(capsys):
 
 def test_evaluate_and_leaderboard_on_tiny_model(capsys, tiny_dir, tmp_path):
     records = tmp_path / "records"
-    code = main(["evaluate", "--defense", "sae_clamp", "--model", str(tiny_dir / "model"), "--sae-dir",
-                 str(tiny_dir / "saes"), "-D", "layer=1", "-D", "k=4", "--eps", "0.1,0.5", "--steps", "5",
+    code = main(["evaluate", "--defense", "sae_clamp", "--tasks", "ioi", "--model", str(tiny_dir / "model"),
+                 "--sae-dir", str(tiny_dir / "saes"), "-D", "layer=1", "-D", "k=4", "--eps", "0.1,0.5", "--steps", "5",
                  "--records-dir", str(records), "--quiet"])
     assert code == 0
     assert "valid flips" in capsys.readouterr().out
@@ -81,7 +81,7 @@ def test_sharded_evaluate_then_merge(capsys, tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "working_tree_hash", lambda: None)  # edits meanwhile must not split the shards
     records = tmp_path / "records"
-    args = ["evaluate", "--defense", "sae_clamp", "--model", str(tiny_dir / "model"), "--sae-dir",
+    args = ["evaluate", "--defense", "sae_clamp", "--tasks", "ioi", "--model", str(tiny_dir / "model"), "--sae-dir",
             str(tiny_dir / "saes"), "-D", "layer=1", "-D", "k=4", "--eps", "0.1,0.5", "--steps", "5",
             "--batch-size", "16", "--records-dir", str(records), "--quiet"]
     for i in range(2):
@@ -95,3 +95,16 @@ def test_sharded_evaluate_then_merge(capsys, tiny_dir, tmp_path, monkeypatch):
     assert path.name == "ioi__encoder.json", "the shard files are removed once merged"
     assert main(args) == 0
     assert "done already" in capsys.readouterr().out
+
+
+def test_reference_defense_takes_no_parameters(capsys):
+    code, err = _run(capsys, "evaluate", "--defense", "reference", "--tasks", "ioi", "-D", "k=4")
+    assert code == 2 and err.count("\n") == 0 and "reference" in err and "-D" in err
+
+
+def test_every_suite_names_a_registered_reference_defense():
+    from defenses import DEFENSES
+    from tasks import TASKS
+
+    for name, cls in TASKS.items():
+        assert cls.reference_defense in DEFENSES.names(), f"suite {name}: unknown reference defense"

@@ -303,7 +303,7 @@ def test_validation_has_a_time_limit(capsys, tmp_path):
 
 def test_evaluate_a_submission_in_a_child_process(capfd, tiny_dir, tmp_path):
     records = tmp_path / "records"
-    code = main(["evaluate", "--defense", str(EXAMPLE), "--model", str(tiny_dir / "model"), "--sae-dir",
+    code = main(["evaluate", "--defense", str(EXAMPLE), "--tasks", "ioi", "--model", str(tiny_dir / "model"), "--sae-dir",
                  str(tiny_dir / "saes"), "-D", "layer=2", "-D", "features=[3,17,40,99]", "--eps", "0.5", "--steps", "2",
                  "--records-dir", str(records), "--quiet"])
     out = capfd.readouterr()
