@@ -9,5 +9,6 @@ from defenses import directional_ablation as _directional_ablation  # noqa: F401
 from defenses import none as _none  # noqa: F401  (registers "none")
 from defenses import unlearning_clamp as _unlearning_clamp  # noqa: F401  (registers "unlearning_clamp")
 from defenses import probe_ablation as _probe_ablation  # noqa: F401  (registers "tpp_ablation")
+from defenses import refusal_steering as _refusal_steering  # noqa: F401  (registers "refusal_steering")
 
 __all__ = ["DEFENSES", "Defense", "FitContext", "SAEFeatureDefense"]
