@@ -100,7 +100,7 @@ class RefusalSteering(SAEFeatureDefense):
         steps: int = 12,
         answer_tokens: int = 8,
         gate: bool = True,
-        gate_l1: float = 0.3,
+        gate_l1: float = 0.03,
         gate_threshold: float = 0.5,
         gate_temperature: float = 0.5,
         features: list[list[int]] | None = None,

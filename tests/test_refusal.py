@@ -10,7 +10,7 @@ import torch
 
 from benchmark.tiny import build_tiny
 from tasks.refusal import judge as J
-from tasks.refusal.suite import DATA, FALLBACK_TEMPLATE, NEW_TOKENS, SPLIT_SIZES, TARGET_TOKENS
+from tasks.refusal.suite import DATA, FALLBACK_TEMPLATE, SPLIT_SIZES, TARGET_TOKENS
 
 # -- the judge on labelled examples -----------------------------------------------------------------------------
 
@@ -212,6 +212,19 @@ def test_gate_turns_steering_on_and_off(steering):
     assert (g[:, 1:] >= g[:, :-1] - 1e-6).all(), "a running max only rises"
 
 
+def test_attack_outcomes_are_judged_by_generation(model, suite, steering):
+    from benchmark.attack import AttackConfig, RecoveryAttack
+
+    batch = suite.encode(suite.examples("test")[:3])
+    out = RecoveryAttack(model, steering, suite, AttackConfig(mode="encoder", eps=(0.5,), steps=4)).run(
+        batch, progress=False)
+    assert [o.index for o in out] == [0, 1, 2]
+    for o in out:
+        assert o.b_attacked in {J.BASE_LIKE, J.ANSWER, J.DEGENERATE, J.REFUSAL}, "b_attacked is the judge's score"
+        assert not o.recovered or o.b_attacked > 0
+        assert o.c1_change < 1e-3
+
+
 def test_evaluate_writes_a_valid_record(model, tiny, tmp_path):
     from benchmark.attack import AttackConfig
     from benchmark.engine import evaluate
@@ -224,8 +237,9 @@ def test_evaluate_writes_a_valid_record(model, tiny, tmp_path):
     validate_record(record)
     assert record["task"]["name"] == "refusal" and len(record["examples"]) == 80
     assert {r["b_base"] for r in record["examples"]} <= {J.BASE_LIKE, J.ANSWER, J.DEGENERATE, J.REFUSAL}
-    tm = record["task_metrics"]
-    assert tm["harmless_refusal_increase"] == pytest.approx(tm["harmless_refusal_defended"] - tm["harmless_refusal_base"])
+    metrics = record["task_metrics"]
+    increase = metrics["harmless_refusal_defended"] - metrics["harmless_refusal_base"]
+    assert metrics["harmless_refusal_increase"] == pytest.approx(increase)
 
 
 def test_hub_sources_fail_clearly_offline(model):
