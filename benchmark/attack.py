@@ -494,7 +494,8 @@ class RecoveryAttack:
             loss[keep].sum().backward()
             rows, g = idx[keep], d.grad[keep]
             recent[rows] = torch.cat([recent[rows, 1:], b[keep, None]], 1)
-            eps = eps_all[level[rows]][:, None].float()  # [rows, 1]
+            eps_rows = eps_all[level[rows]]  # [rows] float64: what the record keeps
+            eps = eps_rows[:, None].float()  # [rows, 1]
             steps_used[rows] += 1
             hn = chunk.ref_norm[rows]
             if self.cfg.optimizer == "adam":
@@ -505,7 +506,7 @@ class RecoveryAttack:
             new[:, cols] -= self.cfg.lr * eps[..., None] * hn[:, cols, None] * direction
             basis = None if chunk.basis is None else chunk.basis[rows]
             delta[rows] = self.project(new, hn, chunk.slot_mask[rows], eps, basis)
-            last_eps[rows] = eps_all[level[rows]]
+            last_eps[rows] = eps_rows
             at_level[rows] += 1
             left = self.cfg.steps - at_level[rows]
             leave = rows[(left <= 0) | self._hopeless(recent[rows], left)]

@@ -25,7 +25,6 @@ from tasks.base import PromptBatch
 #: the dev base rate (43 of 60) predicts: 22 of 43 flipped at N = 4 (low end 0.37; N = 2: 16 of 43, 0.24);
 #: 11, 16, 20, 22, 34, 41 at N = 1, 2, 3, 4, 6, 8. On test, N = 4 flips 79 of 152 base-positives.
 DEFAULT_N = 4
-CHUNK = 32
 
 
 @runtime_checkable
@@ -38,6 +37,8 @@ class ProbedSuite(Protocol):
 
     def class_contrast(self) -> tuple[PromptBatch, Tensor]: ...  # fit batch, [n] bool: of the target class
 
+    def fit_residuals(self) -> list[tuple[PromptBatch, Tensor]]: ...  # that batch in chunks, residual [b, p, d]
+
 
 def tpp_effects(pos_mean: Tensor, neg_mean: Tensor, w_probe: Tensor, w_dec: Tensor) -> Tensor:
     """[F]: ``clamp(pos_mean - neg_mean, 0) * (w_dec @ w_probe)`` from latent means [F], probe [d], decoder [F, d]."""
@@ -45,13 +46,12 @@ def tpp_effects(pos_mean: Tensor, neg_mean: Tensor, w_probe: Tensor, w_dec: Tens
 
 
 @torch.no_grad()
-def pooled_latents(ctx: FitContext, sae, layer: int, batch: PromptBatch) -> Tensor:
-    """[n, F]: SAE latents at ``layer`` mean-pooled over each example's :attr:`PromptBatch.token_mask`."""
-    from benchmark.forward import run_edited
-
+def pooled_latents(sae, residuals: list[tuple[PromptBatch, Tensor]]) -> Tensor:
+    """[n, F]: SAE latents of chunked residuals [b, p, d] mean-pooled over each example's
+    :attr:`PromptBatch.token_mask`."""
     out = []
-    for part in batch.chunks(CHUNK):
-        z = sae.encode(run_edited(ctx.model, part, {}, read_layer=layer))  # [b, p, F]
+    for part, h in residuals:
+        z = sae.encode(h)  # [b, p, F]
         m = part.token_mask[..., None].to(z.dtype)
         out.append((z * m).sum(1) / m.sum(1).clamp_min(1.0))
     return torch.cat(out)
@@ -78,7 +78,7 @@ class ProbeAblation(SAEClamp):
         if features is not None:
             return super().choose(ctx, layer, features)
         sae = ctx.sae(layer)
-        batch, is_pos = ctx.task.class_contrast()
-        z = pooled_latents(ctx, sae.sae, layer, batch)
+        _, is_pos = ctx.task.class_contrast()
+        z = pooled_latents(sae.sae, ctx.task.fit_residuals())
         effects = tpp_effects(z[is_pos].mean(0), z[~is_pos].mean(0), ctx.task.probe_direction(), sae.sae.W_dec)
         return sae, torch.topk(effects, self.k).indices.sort().values

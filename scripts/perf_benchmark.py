@@ -51,13 +51,12 @@ NEVER = (1e-9,)  # a budget at which no valid flip recovers: every step runs on 
 FILLER = "The weather report said the morning would be cool and the afternoon bright over the hills. "
 
 
-def setup(defense_params: dict | None = None, n_test: int | None = None):
+def setup(defense: str = "sae_clamp", params: dict | None = None, n_test: int | None = None):
     """The default model, IOI, the fitted defense and the valid flips among the first ``n_test`` test prompts."""
     model = load_model(DEFAULT_MODEL)
     task = TASKS.get("ioi")(model.tokenizer)
     task.prepare(model)
-    defense = DEFENSES.get("sae_clamp" if not defense_params or "layers" not in defense_params
-                           else "multi_layer_clamp").create(**(defense_params or {}))
+    defense = DEFENSES.get(defense).create(**(params or {}))
     defense.fit(FitContext(model, task))
     test = task.encode(task.examples("test")[:n_test])
     valid = (behavior_scores(model, task, test, None) > 0) & (behavior_scores(model, task, test, defense) <= 0)
@@ -149,7 +148,8 @@ def per_example_speedup(model, task, defense, flips, n: int, probe_steps: int) -
 def one_config(spec: dict) -> dict:
     """Steps per second and peak memory of one configuration (run in a fresh process by :func:`scaling`)."""
     torch.set_num_threads(spec["threads"])
-    model, task, defense, flips = setup(spec.get("defense"), n_test=2 * spec["batch"] + 16)
+    model, task, defense, flips = setup(spec.get("defense", "sae_clamp"), spec.get("params"),
+                                        n_test=2 * spec["batch"] + 16)
     batch = flips.select(list(range(min(spec["batch"], len(flips)))))
     batch = with_filler(batch, model.tokenizer, spec.get("filler", 0))
     base = rss_mib("VmRSS")
@@ -175,7 +175,7 @@ def rss_mib(field: str) -> float:
 def scaling(threads: int, steps: int, quick: bool) -> list[dict]:
     configs = [{"family": "batch", "batch": b} for b in ((1, 8, 32) if quick else (1, 8, 32, 64))]
     configs += [{"family": "prompt length", "batch": 8, "filler": f} for f in ((0, 64) if quick else (0, 32, 96, 224))]
-    configs += [{"family": "defended sites", "batch": 8, "defense": {"layers": layers}}
+    configs += [{"family": "defended sites", "batch": 8, "defense": "multi_layer_clamp", "params": {"layers": layers}}
                 for layers in ([12, 16], [8, 12, 16])]
     rows = []
     for spec in configs:
@@ -268,7 +268,7 @@ def main() -> None:
         "## Batched attack with early stop against a per-example loop", "",
         table([speed], list(speed)), "",
         "## Scaling (each configuration in a fresh process)", "",
-        table(scale, ["family", "batch", "tokens", "defense", "steps_per_s", "peak_rss_mib",
+        table(scale, ["family", "batch", "tokens", "defense", "params", "steps_per_s", "peak_rss_mib",
                       "attack_peak_over_rest_mib"]), "",
         "## Attack wall time against number of examples", "",
         table(by_examples, ["examples", "attack_seconds"]), "",

@@ -19,6 +19,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -114,10 +115,18 @@ class TaskSuite(ABC):
         Runs on the undefended model only; whatever it learns must come from the ``fit`` split (or be the base
         model's own output on an example, such as the answer a refusal suite teacher-forces)."""
 
+    #: the suite's JSON data file, versioned beside its code (see :meth:`data_files` and :attr:`data`)
+    data_file: ClassVar[Path]
+
     @property
-    @abstractmethod
     def data_files(self) -> list[Path]:
-        """Every data file the suite reads; their hashes go into the run record."""
+        """Every data file the suite reads; their hashes go into the run record (default: :attr:`data_file`)."""
+        return [self.data_file]
+
+    @cached_property
+    def data(self) -> dict:
+        """The parsed :attr:`data_file`."""
+        return json.loads(self.data_file.read_text())
 
     def data_hash(self) -> str:
         h = hashlib.sha256()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -19,25 +17,19 @@ DATA = Path(__file__).parent / "data" / "ioi.json"
 class IOISuite(TaskSuite):
     version = "1.0"
     reference_defense = "sae_clamp"
+    data_file = DATA
     description = "IOI: templated ABBA/BABA prompts, b = logit(IO) - logit(S) at the final position"
 
-    @property
-    def data_files(self) -> list[Path]:
-        return [DATA]
-
-    @cached_property
-    def _data(self) -> dict:
-        return json.loads(DATA.read_text())
 
     def _single_token(self, name: str) -> int | None:
         ids = self.tokenizer(name, add_special_tokens=False)["input_ids"]
         return ids[0] if len(ids) == 1 else None
 
     def examples(self, split: str) -> list[dict]:
-        if split not in self._data["splits"]:
-            raise BenchmarkError(f"IOI has no split '{split}' (splits: {', '.join(self._data['splits'])})")
+        if split not in self.data["splits"]:
+            raise BenchmarkError(f"IOI has no split '{split}' (splits: {', '.join(self.data['splits'])})")
         kept = [
-            ex for ex in self._data["splits"][split]
+            ex for ex in self.data["splits"][split]
             if self._single_token(ex["io"]) is not None and self._single_token(ex["s"]) is not None
         ]
         if not kept:
@@ -58,5 +50,5 @@ class IOISuite(TaskSuite):
         return io - s
 
     def control_batch(self) -> PromptBatch:
-        control = self._data["control"]
+        control = self.data["control"]
         return encode_prompts(self.tokenizer, [c["id"] for c in control], [c["text"] for c in control], {})

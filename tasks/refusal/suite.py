@@ -134,6 +134,7 @@ class RefusalSuite(TaskSuite):
                    "non-refusing (1 = base-like); attacker loss = NLL of the base answer's first tokens")
     confirms = True
     reference_defense = "refusal_steering"
+    data_file = DATA
 
     def __init__(self, tokenizer, source: str = "project"):
         super().__init__(tokenizer)
@@ -145,13 +146,6 @@ class RefusalSuite(TaskSuite):
 
     # -- data ----------------------------------------------------------------------------------------------------
 
-    @property
-    def data_files(self) -> list[Path]:
-        return [DATA]
-
-    @cached_property
-    def _data(self) -> dict:
-        return json.loads(DATA.read_text())
 
     @cached_property
     def _hub_requests(self) -> list[str]:
@@ -166,10 +160,10 @@ class RefusalSuite(TaskSuite):
 
     @cached_property
     def _splits(self) -> dict[str, dict[str, list[dict]]]:
-        harmful = self._data["harmful"]
+        harmful = self.data["harmful"]
         if self.source != "project":
             harmful = [{"id": f"{self.source}-{i:04d}", "prompt": p} for i, p in enumerate(self._hub_requests, 1)]
-        return {"harmful": split_of(harmful), "harmless": split_of(self._data["harmless"])}
+        return {"harmful": split_of(harmful), "harmless": split_of(self.data["harmless"])}
 
     def examples(self, split: str) -> list[dict]:
         """The harmful requests of ``split`` (``{"id", "prompt"}``)."""
@@ -183,7 +177,7 @@ class RefusalSuite(TaskSuite):
 
     @property
     def refusal_texts(self) -> list[str]:
-        return self._data["refusals"]
+        return self.data["refusals"]
 
     # -- base answers --------------------------------------------------------------------------------------------
 

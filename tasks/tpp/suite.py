@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
@@ -97,6 +96,7 @@ def balanced_accuracy(logits: Tensor, positive: Tensor) -> float:
 class TPPSuite(TaskSuite):
     version = "1.0"
     reference_defense = "tpp_ablation"
+    data_file = DATA
     description = ("TPP: one-vs-rest probes on mean-pooled residuals of medical abstracts (sae-probes "
                    "101_disease_class); b = the neoplasms probe's margin on neoplasms texts")
     target: ClassVar[str] = TARGET
@@ -104,24 +104,18 @@ class TPPSuite(TaskSuite):
     def __init__(self, tokenizer):
         super().__init__(tokenizer)
         self._probes: ClassProbes | None = None
+        self._fit_residuals: list[tuple[PromptBatch, Tensor]] | None = None
 
-    @property
-    def data_files(self) -> list[Path]:
-        return [DATA]
-
-    @cached_property
-    def _data(self) -> dict:
-        return json.loads(DATA.read_text())
 
     @property
     def classes(self) -> list[str]:
-        return self._data["classes"]
+        return self.data["classes"]
 
     def class_examples(self, split: str) -> list[dict]:
         """Every class's examples of ``split`` (each with its ``label``)."""
-        if split not in self._data["splits"]:
-            raise BenchmarkError(f"TPP has no split '{split}' (splits: {', '.join(self._data['splits'])})")
-        return self._data["splits"][split]
+        if split not in self.data["splits"]:
+            raise BenchmarkError(f"TPP has no split '{split}' (splits: {', '.join(self.data['splits'])})")
+        return self.data["splits"][split]
 
     def examples(self, split: str) -> list[dict]:
         """The target class's examples of ``split``: those the behavior is scored on."""
@@ -145,8 +139,11 @@ class TPPSuite(TaskSuite):
         from benchmark.forward import run_edited
 
         self.read_layer = model.spec.sae_source.default_layer if model.spec is not None else model.n_layers // 2
-        batch = self.encode(self.class_examples("fit"))
-        x = self.pooled(lambda part: run_edited(model, part, {}, read_layer=self.read_layer), batch)
+        batch, _ = self.class_contrast()
+        with torch.no_grad():
+            self._fit_residuals = [(part, run_edited(model, part, {}, read_layer=self.read_layer))
+                                   for part in batch.chunks(CHUNK)]
+        x = torch.cat([mean_pool(h, part.token_mask) for part, h in self._fit_residuals])
         labels = batch.targets["label"]
         fitted = [fit_probe(x, labels == c) for c in range(len(self.classes))]
         self._probes = ClassProbes(tuple(self.classes), torch.stack([w for w, _ in fitted]),
@@ -157,6 +154,13 @@ class TPPSuite(TaskSuite):
         if self._probes is None:
             raise BenchmarkError("the TPP suite has no probes yet: call prepare(model) first")
         return self._probes
+
+    def fit_residuals(self) -> list[tuple[PromptBatch, Tensor]]:
+        """The :meth:`class_contrast` batch in chunks, each with its residual [b, p, d] at ``read_layer`` (computed
+        once by :meth:`prepare`, so a defense fitting on it does not run the model again)."""
+        if self._fit_residuals is None:
+            raise BenchmarkError("the TPP suite has no residuals yet: call prepare(model) first")
+        return self._fit_residuals
 
     @torch.no_grad()
     def pooled(self, forward: Forward, batch: PromptBatch) -> Tensor:
@@ -202,5 +206,5 @@ class TPPSuite(TaskSuite):
                 "probe_accuracy_base": sum(accs) / len(accs)}
 
     def control_batch(self) -> PromptBatch:
-        control = self._data["control"]
+        control = self.data["control"]
         return encode_prompts(self.tokenizer, [c["id"] for c in control], [c["text"] for c in control], {})

@@ -92,6 +92,7 @@ def rotated(example: dict, k: int) -> dict:
 class WMDPBioSuite(TaskSuite):
     version = "1.0"
     reference_defense = "unlearning_clamp"
+    data_file = DATA
     description = ("WMDP-Bio-style multiple choice on SciQ biology; b = cloze log-prob of the right choice minus "
                    "the best wrong one (single-token choices)")
 
@@ -104,7 +105,7 @@ class WMDPBioSuite(TaskSuite):
         if orders < 1:
             raise BenchmarkError(f"wmdp_bio needs orders >= 1, got {orders}")
         self.scoring, self.source, self.orders = scoring, source, orders
-        self.question_file = DATA
+        self.question_file = self.data_file
         if source == "wmdp":
             from benchmark.models import cache_dir
 
@@ -113,11 +114,8 @@ class WMDPBioSuite(TaskSuite):
 
     @property
     def data_files(self) -> list[Path]:
-        return sorted({DATA, self.question_file})
+        return sorted({self.data_file, self.question_file})
 
-    @cached_property
-    def _data(self) -> dict:
-        return json.loads(DATA.read_text())
 
     @cached_property
     def _questions(self) -> dict[str, list[dict]]:
@@ -158,12 +156,12 @@ class WMDPBioSuite(TaskSuite):
 
     def control_examples(self) -> list[dict]:
         """Physics and chemistry questions, scored like the examples (their accuracy is a side effect)."""
-        return self._usable(self._data["control"], "control")
+        return self._usable(self.data["control"], "control")
 
     def contrast_texts(self) -> tuple[list[str], list[str]]:
         """(biology texts, other texts) a defense may be fitted on: the fit split's questions with their answers
         and biology forum texts, against physics/chemistry questions (not the control set) and forum texts."""
-        contrast = self._data["contrast"]
+        contrast = self.data["contrast"]
 
         def qa(ex: dict) -> str:
             return f"{cloze_prompt(ex)} {ex['choices'][ex['answer']]}"
