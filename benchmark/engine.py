@@ -15,6 +15,7 @@ from torch import Tensor
 
 from benchmark import __version__
 from benchmark.attack import AttackConfig, ExampleOutcome, RecoveryAttack, defense_edits
+from benchmark.base_residuals import BaseResiduals
 from benchmark.forward import capture, compose, next_token_kl, run_edited, task_forward
 from benchmark.metrics import is_valid_flip
 from benchmark.models import LoadedModel
@@ -27,16 +28,29 @@ from defenses.base import DEFENSES, Defense, FitContext
 from tasks.base import TASKS, PromptBatch, TaskSuite
 
 
+def shared_prefix(model: LoadedModel, task: TaskSuite, defense: Defense) -> BaseResiduals | None:
+    """The store of undefended residuals below the defense's first site that every scoring pass of a run starts
+    from; None when nothing is shared (no sites, a suite reading below them, or one that generates)."""
+    if not defense.sites or task.score_runs_new_tokens:
+        return None
+    layer = min(defense.sites)
+    if task.read_layer is not None and task.read_layer < layer:
+        return None
+    return BaseResiduals(model, layer)
+
+
 @torch.no_grad()
 def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, defense: Defense | None,
-                    chunk: int = 64) -> Tensor:
-    """Judged behavior score [b] of every example (:meth:`TaskSuite.score`), with the defense active when given."""
-    forward = task_forward(model, task, lambda part: defense_edits(defense, part))
+                    chunk: int = 64, residuals: BaseResiduals | None = None) -> Tensor:
+    """Judged behavior score [b] of every example (:meth:`TaskSuite.score`), with the defense active when given
+    (starting from ``residuals`` when given, see :func:`shared_prefix`)."""
+    forward = task_forward(model, task, lambda part: defense_edits(defense, part), residuals)
     return torch.cat([task.score(forward, part) for part in batch.chunks(chunk)])
 
 
 @torch.no_grad()
-def defense_edit_size(model: LoadedModel, defense: Defense, batch: PromptBatch, chunk: int = 64) -> float | None:
+def defense_edit_size(model: LoadedModel, defense: Defense, batch: PromptBatch, chunk: int = 64,
+                      residuals: BaseResiduals | None = None) -> float | None:
     """Mean over sites of ``||D(h) - h|| / ||h||`` on the editable positions of ``batch`` (size of the defense)."""
     if not defense.sites:
         return None
@@ -44,7 +58,8 @@ def defense_edit_size(model: LoadedModel, defense: Defense, batch: PromptBatch, 
     for part in batch.chunks(chunk):
         before, after = {}, {}
         edits = {L: compose(capture(before, L), e, capture(after, L)) for L, e in defense_edits(defense, part).items()}
-        run_edited(model, part, edits, read_layer=max(edits))
+        prefix = None if residuals is None else (residuals.layer, residuals.get(part))
+        run_edited(model, part, edits, read_layer=max(edits), prefix=prefix)
         m = part.token_mask
         for L in defense.sites:
             ratios[L][0] += float((after[L] - before[L])[m].pow(2).sum())
@@ -90,9 +105,11 @@ def evaluate(
     with _phase("fit defense", progress):
         defense.fit(FitContext(model, task, sae_dir))
     test = task.encode(task.examples("test"))
+    residuals = shared_prefix(model, task, defense)
     with _phase("score base and defended", progress):
         scored = [{"id": i, "b_base": float(b), "b_defended": float(d)} for i, b, d in
-                  zip(test.ids, behavior_scores(model, task, test, None), behavior_scores(model, task, test, defense))]
+                  zip(test.ids, behavior_scores(model, task, test, None, residuals=residuals),
+                      behavior_scores(model, task, test, defense, residuals=residuals))]
     flips = test.select([r for r, s in enumerate(scored) if is_valid_flip(s["b_base"], s["b_defended"])])
     attack = RecoveryAttack(model, defense, task, attack_cfg) if len(flips) else None
     head = run_head(model, defense, task, attack_cfg, attack, scored)
@@ -103,10 +120,11 @@ def evaluate(
         return load_record(path), path
     with _phase("side effect, edit size and task metrics", progress):
         defended = lambda part: defense_edits(defense, part)  # noqa: E731
-        head["side_effect"] = next_token_kl(model, task.control_batch(), defended) if defense.sites else 0.0
-        head["defense_edit_rel"] = defense_edit_size(model, defense, test)
-        head["task_metrics"] = task.task_metrics(task_forward(model, task, lambda part: {}),
-                                                 task_forward(model, task, defended))
+        head["side_effect"] = (next_token_kl(model, task.control_batch(), defended, residuals=residuals)
+                               if defense.sites else 0.0)
+        head["defense_edit_rel"] = defense_edit_size(model, defense, test, residuals=residuals)
+        head["task_metrics"] = task.task_metrics(task_forward(model, task, lambda part: {}, residuals),
+                                                 task_forward(model, task, defended, residuals))
     n_chunks = math.ceil(len(flips) / attack_cfg.batch_size)
     partial = PartialRun.resume(partial_path(path, shard), run_id, shard, n_chunks, head,
                                 lambda seconds: provenance(seconds, command, git, run_id), started)

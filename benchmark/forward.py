@@ -12,7 +12,7 @@ autograd graph (a gradient through them raises :class:`BenchmarkError`).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from torch import Tensor
 from benchmark.errors import BenchmarkError
 from benchmark.models import LoadedModel
 from tasks.base import Forward, PromptBatch, TaskSuite
+
+if TYPE_CHECKING:
+    from benchmark.base_residuals import BaseResiduals
 
 Edit = Callable[[Tensor], Tensor]
 
@@ -111,9 +114,21 @@ def run_task(model: LoadedModel, task: TaskSuite, batch: PromptBatch, edits: dic
     return run_edited(model, batch, edits, read_layer=task.read_layer, inputs_embeds=inputs_embeds, prefix=prefix)
 
 
-def task_forward(model: LoadedModel, task: TaskSuite, edits_for: Callable[[PromptBatch], dict[int, Edit]]) -> Forward:
-    """The :data:`tasks.base.Forward` that :meth:`TaskSuite.score` runs: ``edits_for(batch)`` on any batch."""
-    return lambda batch: run_task(model, task, batch, edits_for(batch))
+def task_forward(model: LoadedModel, task: TaskSuite, edits_for: Callable[[PromptBatch], dict[int, Edit]],
+                 residuals: BaseResiduals | None = None) -> Forward:
+    """The :data:`tasks.base.Forward` that :meth:`TaskSuite.score` runs: ``edits_for(batch)`` on any batch.
+
+    With ``residuals`` (at a layer no edit and no read lies below) every pass starts from the stored undefended
+    residual instead of running the blocks below it."""
+
+    def forward(batch: PromptBatch) -> Tensor:
+        return run_task(model, task, batch, edits_for(batch), prefix=_prefix(residuals, batch))
+
+    return forward
+
+
+def _prefix(residuals: BaseResiduals | None, batch: PromptBatch) -> tuple[int, Tensor] | None:
+    return None if residuals is None else (residuals.layer, residuals.get(batch))
 
 
 def input_embeddings(model: LoadedModel) -> Tensor:
@@ -191,15 +206,17 @@ def _capture_stores(edits: dict[int, Edit]) -> list[dict]:
 
 @torch.no_grad()
 def next_token_kl(model: LoadedModel, batch: PromptBatch, edits_for: Callable[[PromptBatch], dict[int, Edit]],
-                  chunk: int = 16) -> float:
+                  chunk: int = 16, residuals: BaseResiduals | None = None) -> float:
     """Mean KL(base || edited) of the next-token distribution over every real position of ``batch``.
 
-    ``edits_for`` builds the edits for each chunk (edits may depend on the chunk's token mask).
+    ``edits_for`` builds the edits for each chunk (edits may depend on the chunk's token mask); with
+    ``residuals`` both passes start from the stored undefended residual (see :func:`task_forward`).
     """
     total, count = 0.0, 0
     for part in batch.chunks(chunk):
-        base = torch.log_softmax(run_edited(model, part, {}, all_logits=True), -1)
-        edited = torch.log_softmax(run_edited(model, part, edits_for(part), all_logits=True), -1)
+        prefix = _prefix(residuals, part)
+        base = torch.log_softmax(run_edited(model, part, {}, all_logits=True, prefix=prefix), -1)
+        edited = torch.log_softmax(run_edited(model, part, edits_for(part), all_logits=True, prefix=prefix), -1)
         kl = (base.exp() * (base - edited)).sum(-1)
         mask = part.attention_mask.bool()
         total += float(kl[mask].sum())

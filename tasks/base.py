@@ -102,6 +102,9 @@ class TaskSuite(ABC):
     #: True when :meth:`score` judges differently from :meth:`behavior` (e.g. by generation): the attacker stops
     #: on ``behavior`` and every attacked example is re-judged with ``score``
     confirms: ClassVar[bool] = False
+    #: True when :meth:`score` runs the model on tokens it makes itself (generation): the engine then keeps no
+    #: store of undefended residuals for it (each step's sequence is new)
+    score_runs_new_tokens: ClassVar[bool] = False
     #: the defense this suite's behavior is usually suppressed with (``benchmark evaluate --defense reference``)
     reference_defense: ClassVar[str]
 

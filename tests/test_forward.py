@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from benchmark.attack import AttackConfig, RecoveryAttack, attacked_positions, suffix_start, with_suffix
-from benchmark.engine import behavior_scores
+from benchmark.base_residuals import BaseResiduals
+from benchmark.engine import behavior_scores, shared_prefix
 from benchmark.forward import add, capture, run_edited
 from tasks.base import PromptBatch
 
@@ -40,6 +41,31 @@ def test_reused_prefix_does_not_run_the_blocks_below(tiny_model, ioi):
     finally:
         hook.remove()
     assert calls == []
+
+
+def test_base_residuals_match_a_fresh_forward_whatever_the_chunk(tiny_model, ioi):
+    batch = _batch(ioi, n=8)
+    store = BaseResiduals(tiny_model, 2)
+    store.get(batch.select([5, 1, 6]))  # computed in another batch, with other padding
+    assert len(store) == 3
+    got = store.get(batch)
+    assert len(store) == 8  # the other five ran once, the three stored ones did not
+    fresh = run_edited(tiny_model, batch, {}, read_layer=2)
+    real = batch.attention_mask.bool()
+    assert torch.allclose(got[real], fresh[real], atol=1e-5)
+    assert got[~real].abs().sum() == 0
+
+
+def test_scores_from_the_shared_prefix_equal_full_passes(tiny_model, ioi, fitted_clamp):
+    batch = _batch(ioi, n=8)
+    store = shared_prefix(tiny_model, ioi, fitted_clamp)
+    assert store is not None and store.layer == min(fitted_clamp.sites)
+    for defense in (None, fitted_clamp):
+        full = behavior_scores(tiny_model, ioi, batch, defense)
+        shared = behavior_scores(tiny_model, ioi, batch, defense, chunk=3, residuals=store)
+        assert torch.allclose(full, shared, atol=1e-4)
+    assert not torch.allclose(behavior_scores(tiny_model, ioi, batch, None),
+                              behavior_scores(tiny_model, ioi, batch, fitted_clamp))
 
 
 def test_edit_below_a_reused_prefix_is_refused(tiny_model, ioi):

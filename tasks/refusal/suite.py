@@ -133,6 +133,7 @@ class RefusalSuite(TaskSuite):
     description = ("Refusal: harmful-style requests the base model answers; b > 0 = its greedy answer is judged "
                    "non-refusing (1 = base-like); attacker loss = NLL of the base answer's first tokens")
     confirms = True
+    score_runs_new_tokens = True
     reference_defense = "refusal_steering"
     data_file = DATA
 
