@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from benchmark import jacobian, sae_math
 from benchmark.errors import BenchmarkError
-from benchmark.forward import Edit, add, capture, compose, input_embeddings, run_task
+from benchmark.forward import Edit, EditedForward, add, capture, compose, input_embeddings, run_task
 from benchmark.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
@@ -292,43 +292,53 @@ class RecoveryAttack:
         if self.cfg.mode == "soft_suffix":
             return self._suffix_forward(batch, delta, grad)
         seen: dict[int, Tensor] = {}
+        prefix = None if h_site is None else (self.layer, h_site)
+        with torch.set_grad_enabled(grad):
+            read = run_task(self.model, self.task, batch, self._attacked_edits(batch, delta, seen), prefix=prefix)
+        return read, seen
+
+    def _attacked_edits(self, batch: PromptBatch, delta: Tensor | None, seen: dict | None = None) -> dict[int, Edit]:
+        """The defense's edits with ``delta`` [b, p, d] added at the attacked site before the defense acts there;
+        with ``seen``, every site's input (``delta`` included) is captured into it."""
         edits = defense_edits(self.defense, batch)
         for L in set(self.defense.sites) | {self.layer}:
             edits[L] = compose(add(delta) if L == self.layer and delta is not None else None,
-                               capture(seen, L), edits.get(L))
-        prefix = None if h_site is None else (self.layer, h_site)
-        with torch.set_grad_enabled(grad):
-            read = run_task(self.model, self.task, batch, edits, prefix=prefix)
-        return read, seen
+                               capture(seen, L) if seen is not None else None, edits.get(L))
+        return edits
 
     @property
     def reuses_prefix(self) -> bool:
         """Whether attack steps skip the blocks below the site (no defended site lies below it)."""
         return self.layer is not None and all(L >= self.layer for L in self.defense.sites)
 
-    def _suffix_forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool, start: int | None = None):
-        """Defended forward from input embeddings: the suffix tokens of ``batch`` (``suffix_len`` columns from
-        ``start``, by default where :func:`with_suffix` put them) get ``delta``."""
+    def _suffix_forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool):
+        """Defended forward from input embeddings with ``delta`` on the suffix tokens (:meth:`_suffix_embeds`)."""
         seen: dict[int, Tensor] = {}
         edits = defense_edits(self.defense, batch)
         for L in self.defense.sites:
             edits[L] = compose(capture(seen, L), edits[L])
         with torch.set_grad_enabled(grad):
-            embeds = self.embed[batch.input_ids]
-            if delta is not None:
-                s = suffix_start(batch, self.cfg.suffix_len) if start is None else start
-                e = s + self.cfg.suffix_len
-                embeds = torch.cat([embeds[:, :s], embeds[:, s:e] + delta, embeds[:, e:]], 1)
-            read = run_task(self.model, self.task, batch, edits, inputs_embeds=embeds)
+            read = run_task(self.model, self.task, batch, edits, inputs_embeds=self._suffix_embeds(batch, delta))
         return read, seen
+
+    def _suffix_embeds(self, batch: PromptBatch, delta: Tensor | None, start: int | None = None) -> Tensor:
+        """[b, p, d_emb]: input embeddings of ``batch`` with ``delta`` [b, suffix_len, d_emb] added to its suffix
+        tokens (``suffix_len`` columns from ``start``, by default where :func:`with_suffix` put them)."""
+        embeds = self.embed[batch.input_ids]
+        if delta is None:
+            return embeds
+        s = suffix_start(batch, self.cfg.suffix_len) if start is None else start
+        e = s + self.cfg.suffix_len
+        return torch.cat([embeds[:, :s], embeds[:, s:e] + delta, embeds[:, e:]], 1)
 
     def confirm(self, chunk: Chunk, delta: Tensor) -> Tensor:
         """Judged behavior [n] (:meth:`TaskSuite.score`) of every example of ``chunk`` under ``delta`` [n, q, d]."""
         if self.cfg.mode == "soft_suffix":
             start = suffix_start(chunk.batch, self.cfg.suffix_len)
-            forward = lambda b: self._suffix_forward(b, delta, grad=False, start=start)[0]  # noqa: E731
+            forward = EditedForward(self.model, self.task, lambda b: defense_edits(self.defense, b),
+                                    embeds_for=lambda b: self._suffix_embeds(b, delta, start))
         else:
-            forward = lambda b: self._forward(b, delta, grad=False)[0]  # noqa: E731
+            forward = EditedForward(self.model, self.task, lambda b: self._attacked_edits(b, delta))
         with torch.no_grad():
             return self.task.score(forward, chunk.batch)
 

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
+from transformers import Cache, DynamicCache
 
 from benchmark.errors import BenchmarkError
 from benchmark.models import LoadedModel
-from tasks.base import Forward, PromptBatch, TaskSuite
+from tasks.base import PromptBatch, TaskSuite, greedy_by_full_passes, greedy_loop
 
 if TYPE_CHECKING:
     from benchmark.base_residuals import BaseResiduals
@@ -29,7 +30,7 @@ Edit = Callable[[Tensor], Tensor]
 
 def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *, all_logits: bool = False,
                read_layer: int | None = None, inputs_embeds: Tensor | None = None,
-               prefix: tuple[int, Tensor] | None = None) -> Tensor:
+               prefix: tuple[int, Tensor] | None = None, past: Cache | None = None) -> Tensor:
     """The forward pass with ``edits[L]`` applied to the output of block L, and what it reads:
 
     - ``read_layer`` None: logits at the last ``batch.read_len`` positions, [b, r, vocab] (all positions,
@@ -46,10 +47,17 @@ def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *
     the embedding of ``batch.input_ids`` (which then only fix the shape; the mask and positions still come from
     ``batch``); it is what the model's input embedding layer would output (a model that scales embeddings, such
     as Gemma, still applies its scale inside).
+
+    ``past``, a key/value cache of the first ``n = past.get_seq_length()`` columns of ``batch``, runs only the
+    columns after them (and extends ``past``): edits see and return those columns, [b, p - n, d], what is read
+    covers them, and ``inputs_embeds`` holds them. Without it nothing is cached.
     """
-    inputs = dict(attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    n_past = 0 if past is None else past.get_seq_length()
+    if past is not None and (prefix is not None or model.remote):
+        raise ValueError("a key/value cache runs locally and from the input; it cannot reuse a residual prefix")
+    inputs = dict(attention_mask=batch.attention_mask, position_ids=batch.position_ids[:, n_past:])
     if inputs_embeds is None:
-        inputs["input_ids"] = batch.input_ids
+        inputs["input_ids"] = batch.input_ids[:, n_past:]
     else:
         inputs["inputs_embeds"] = inputs_embeds
     touched = sorted(set(edits) | ({read_layer} if read_layer is not None else set()))
@@ -58,6 +66,7 @@ def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *
     if prefix is not None and touched and touched[0] < prefix[0]:
         raise ValueError(f"an edit at layer {touched[0]} lies below the reused prefix (blocks 0..{prefix[0]})")
     kwargs = {} if all_logits or read_layer is not None else {"logits_to_keep": batch.read_len}
+    kwargs.update(use_cache=past is not None, past_key_values=past)
     local_stores = _capture_stores(edits) if model.remote else []
     bring_back = bool(local_stores)
     with model.remote_errors():  # a remote model's trace runs on NDIF (see LoadedModel.remote)
@@ -114,17 +123,65 @@ def run_task(model: LoadedModel, task: TaskSuite, batch: PromptBatch, edits: dic
     return run_edited(model, batch, edits, read_layer=task.read_layer, inputs_embeds=inputs_embeds, prefix=prefix)
 
 
-def task_forward(model: LoadedModel, task: TaskSuite, edits_for: Callable[[PromptBatch], dict[int, Edit]],
-                 residuals: BaseResiduals | None = None) -> Forward:
-    """The :data:`tasks.base.Forward` that :meth:`TaskSuite.score` runs: ``edits_for(batch)`` on any batch.
+class EditedForward:
+    """The :data:`tasks.base.Forward` that :meth:`TaskSuite.score` runs: the model with ``edits_for(batch)`` on any
+    batch, fed ``embeds_for(batch)`` instead of the token embeddings when given (a soft suffix).
 
     With ``residuals`` (at a layer no edit and no read lies below) every pass starts from the stored undefended
-    residual instead of running the blocks below it."""
+    residual instead of running the blocks below it. :meth:`greedy` generates with a key/value cache.
+    """
 
-    def forward(batch: PromptBatch) -> Tensor:
-        return run_task(model, task, batch, edits_for(batch), prefix=_prefix(residuals, batch))
+    def __init__(self, model: LoadedModel, task: TaskSuite, edits_for: Callable[[PromptBatch], dict[int, Edit]],
+                 residuals: BaseResiduals | None = None,
+                 embeds_for: Callable[[PromptBatch], Tensor] | None = None) -> None:
+        self.model, self.task, self.edits_for = model, task, edits_for
+        self.residuals, self.embeds_for = residuals, embeds_for
 
-    return forward
+    def __call__(self, batch: PromptBatch) -> Tensor:
+        embeds = None if self.embeds_for is None else self.embeds_for(batch)
+        return run_task(self.model, self.task, batch, self.edits_for(batch), inputs_embeds=embeds,
+                        prefix=_prefix(self.residuals, batch))
+
+    @torch.no_grad()
+    def greedy(self, batch: PromptBatch, new_tokens: int, eos_id: int) -> Tensor:
+        """[b, new_tokens]: :func:`tasks.base.greedy_by_full_passes`'s tokens, each step running only the new
+        column through the model (the others' keys and values are cached).
+
+        The edits still see every column: each edited site keeps its unedited residual of the columns so far and
+        the edit runs on all of them, of which the new column's output is used. That equals a full pass when an
+        edit is causal (its output at a position depends on no later position), as a defense that runs in a
+        deployed model with a key/value cache must be. A remote model generates by full passes."""
+        if self.model.remote:
+            return greedy_by_full_passes(self, batch, new_tokens, eos_id)
+        past = DynamicCache(config=self.model.hf.config)
+        seen: dict[int, Tensor] = {}  # per edited site: its unedited residual over every column so far
+        embeds = [None if self.embeds_for is None else self.embeds_for(batch)]  # the prompt's, then none
+
+        def next_logits(now: PromptBatch) -> Tensor:
+            edits = {L: _OnAllColumns(e, seen, L) for L, e in self.edits_for(now).items()}
+            logits = run_edited(self.model, now, edits, inputs_embeds=embeds.pop() if embeds else None, past=past)
+            return logits[:, -1]
+
+        return greedy_loop(next_logits, batch, new_tokens, eos_id)
+
+
+class _OnAllColumns:
+    """An edit run on every column so far (kept in ``seen``) while the model runs only the newest ones."""
+
+    def __init__(self, edit: Edit, seen: dict[int, Tensor], layer: int) -> None:
+        self.edit, self.seen, self.layer = edit, seen, layer
+
+    def __call__(self, h_new: Tensor) -> Tensor:
+        old = self.seen.get(self.layer)
+        h = h_new if old is None else torch.cat([old, h_new], 1)
+        self.seen[self.layer] = h
+        return self.edit(h)[:, -h_new.shape[1]:]
+
+
+def task_forward(model: LoadedModel, task: TaskSuite, edits_for: Callable[[PromptBatch], dict[int, Edit]],
+                 residuals: BaseResiduals | None = None) -> EditedForward:
+    """The :class:`EditedForward` of ``model`` with ``edits_for`` (see there)."""
+    return EditedForward(model, task, edits_for, residuals)
 
 
 def _prefix(residuals: BaseResiduals | None, batch: PromptBatch) -> tuple[int, Tensor] | None:

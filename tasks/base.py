@@ -89,6 +89,44 @@ def encode_prompts(tokenizer, ids: list[str], prompts: list[str], targets: dict[
 Forward = Callable[[PromptBatch], Tensor]
 
 
+def greedy(forward: Forward, batch: PromptBatch, new_tokens: int, eos_id: int) -> Tensor:
+    """[b, new_tokens] greedy continuation of every prompt of ``batch`` with ``forward``: its own ``greedy``
+    (:class:`benchmark.forward.EditedForward` caches keys and values) when it has one, else
+    :func:`greedy_by_full_passes`."""
+    own = getattr(forward, "greedy", None)
+    if own is not None:
+        return own(batch, new_tokens, eos_id)
+    return greedy_by_full_passes(forward, batch, new_tokens, eos_id)
+
+
+def greedy_by_full_passes(forward: Forward, batch: PromptBatch, new_tokens: int, eos_id: int) -> Tensor:
+    """[b, new_tokens] greedy continuation of every prompt of ``batch`` (``read_len`` 1), one full pass of
+    ``forward`` over the prompt and the tokens so far per token (see :func:`greedy_loop`)."""
+    return greedy_loop(lambda now: forward(now)[:, -1], batch, new_tokens, eos_id)
+
+
+def greedy_loop(next_logits: Callable[[PromptBatch], Tensor], batch: PromptBatch, new_tokens: int,
+                eos_id: int) -> Tensor:
+    """[b, new_tokens] greedy continuation of every prompt of ``batch``; ``next_logits(now)`` gives the
+    next-token logits [b, vocab] of ``now``, the prompts and the tokens so far (``read_len`` 1).
+
+    Tokens after a row's first EOS are EOS; generation stops early when every row has ended.
+    """
+    ids, mask = batch.input_ids, batch.attention_mask
+    out = torch.full((len(batch), new_tokens), eos_id, dtype=torch.long)
+    done = torch.zeros(len(batch), dtype=torch.bool)
+    for t in range(new_tokens):
+        logits = next_logits(PromptBatch(list(batch.ids), ids, mask, dict(batch.targets), read_len=1))
+        token = torch.where(done, torch.full_like(done, eos_id, dtype=torch.long), logits.argmax(-1))
+        out[:, t] = token
+        done |= token == eos_id
+        if bool(done.all()):
+            break
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return out
+
+
 def file_hash(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 

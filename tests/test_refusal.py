@@ -212,6 +212,48 @@ def test_gate_turns_steering_on_and_off(steering):
     assert (g[:, 1:] >= g[:, :-1] - 1e-6).all(), "a running max only rises"
 
 
+def test_cached_generation_equals_full_passes(model, suite, steering, monkeypatch):
+    """Every step of key/value-cached greedy decoding gives the next-token logits of a full pass over the tokens
+    so far, with a stateful (running-max gated) defense at two sites, an added delta and a soft input change."""
+    import benchmark.forward as fw
+    from benchmark.attack import defense_edits
+    from tasks.base import greedy_loop
+
+    batch = suite.prompt_batch(suite.requests("harmful", "dev")[:5])
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(*batch.input_ids.shape, 64, generator=gen)
+    soft = torch.randn(*batch.input_ids.shape, 64, generator=gen)
+
+    def attacked(b):
+        edits = defense_edits(steering, b)
+        edits[1] = fw.compose(fw.add(delta), edits[1])
+        return edits
+
+    def embeds(b):
+        e = fw.input_embeddings(model)[b.input_ids]
+        return torch.cat([e[:, :soft.shape[1]] + soft, e[:, soft.shape[1]:]], 1)
+
+    steps = []
+
+    def checked_loop(next_logits, batch, new_tokens, eos_id):
+        def both(now):
+            steps.append((next_logits(now), forward(now)[:, -1]))
+            return steps[-1][0]
+        return greedy_loop(both, batch, new_tokens, eos_id)
+
+    monkeypatch.setattr(fw, "greedy_loop", checked_loop)
+    plain = fw.EditedForward(model, suite, lambda b: {})
+    for forward in (fw.EditedForward(model, suite, attacked),
+                    fw.EditedForward(model, suite, lambda b: defense_edits(steering, b), embeds_for=embeds), plain):
+        steps.clear()
+        forward.greedy(batch, 6, suite.eos_id)
+        assert len(steps) == 6
+        for cached, full in steps:
+            assert torch.allclose(cached, full, atol=1e-4)
+    attacked_logits = fw.EditedForward(model, suite, attacked)(batch)
+    assert not torch.allclose(attacked_logits, plain(batch), atol=1e-2), "the edits change what is generated from"
+
+
 def test_attack_outcomes_are_judged_by_generation(model, suite, steering):
     from benchmark.attack import AttackConfig, RecoveryAttack
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from benchmark.errors import BenchmarkError
-from tasks.base import SPLITS, TASKS, Forward, PromptBatch, TaskSuite, encode_prompts
+from tasks.base import SPLITS, TASKS, Forward, PromptBatch, TaskSuite, encode_prompts, greedy
 from tasks.refusal import judge as judging
 
 DATA = Path(__file__).parent / "data" / "requests.json"
@@ -89,26 +89,6 @@ def prompt_part(batch: PromptBatch) -> PromptBatch:
     cut = batch.input_ids.shape[1] - (batch.read_len - 1)
     return PromptBatch(list(batch.ids), batch.input_ids[:, :cut], batch.attention_mask[:, :cut],
                        dict(batch.targets), read_len=1)
-
-
-def greedy(forward: Forward, batch: PromptBatch, new_tokens: int, eos_id: int) -> Tensor:
-    """[b, new_tokens] greedy continuation of every prompt of ``batch`` (``read_len`` 1) with ``forward``.
-
-    Tokens after a row's first EOS are EOS; generation stops early when every row has ended.
-    """
-    ids, mask = batch.input_ids, batch.attention_mask
-    out = torch.full((len(batch), new_tokens), eos_id, dtype=torch.long)
-    done = torch.zeros(len(batch), dtype=torch.bool)
-    for t in range(new_tokens):
-        logits = forward(PromptBatch(list(batch.ids), ids, mask, dict(batch.targets), read_len=1))[:, -1]
-        token = torch.where(done, torch.full_like(done, eos_id, dtype=torch.long), logits.argmax(-1))
-        out[:, t] = token
-        done |= token == eos_id
-        if bool(done.all()):
-            break
-        ids = torch.cat([ids, token[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return out
 
 
 def answer_mask(answers: Tensor, eos_id: int) -> Tensor:
