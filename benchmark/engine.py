@@ -45,7 +45,9 @@ def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, def
     """Judged behavior score [b] of every example (:meth:`TaskSuite.score`), with the defense active when given
     (starting from ``residuals`` when given, see :func:`shared_prefix`)."""
     forward = task_forward(model, task, lambda part: defense_edits(defense, part), residuals)
-    return torch.cat([task.score(forward, part) for part in batch.chunks(chunk)])
+    order = batch.length_order()
+    scores = torch.cat([task.score(forward, batch.select(order[i:i + chunk])) for i in range(0, len(order), chunk)])
+    return scores[torch.argsort(torch.tensor(order))]
 
 
 @torch.no_grad()
@@ -110,7 +112,8 @@ def evaluate(
         scored = [{"id": i, "b_base": float(b), "b_defended": float(d)} for i, b, d in
                   zip(test.ids, behavior_scores(model, task, test, None, residuals=residuals),
                       behavior_scores(model, task, test, defense, residuals=residuals))]
-    flips = test.select([r for r, s in enumerate(scored) if is_valid_flip(s["b_base"], s["b_defended"])])
+    # attacked in chunks of similar length (less padding); results go back to test order by id
+    flips = test.select([r for r in test.length_order() if is_valid_flip(scored[r]["b_base"], scored[r]["b_defended"])])
     attack = RecoveryAttack(model, defense, task, attack_cfg) if len(flips) else None
     head = run_head(model, defense, task, attack_cfg, attack, scored)
     run_id = fingerprint(head, attack_cfg.to_record(), code)

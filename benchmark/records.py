@@ -152,13 +152,14 @@ def attack_section(settings: dict, results: list[dict]) -> dict:
 
 def build_record(head: dict, results: list[dict], provenance: dict) -> dict:
     """The run record from its parts: ``head`` (everything that does not come from the attack: see
-    :func:`benchmark.engine.run_head`) and one attack result per valid flip, in test order."""
+    :func:`benchmark.engine.run_head`) and one attack result per valid flip, in any order."""
     flips = [is_valid_flip(s["b_base"], s["b_defended"]) for s in head["examples"]]
-    if sum(flips) != len(results):
-        raise BenchmarkError(f"{len(results)} attack results for {sum(flips)} valid flips; "
+    by_id = {r["id"]: r for r in results}
+    if sorted(by_id) != sorted(s["id"] for s, flip in zip(head["examples"], flips) if flip) or \
+            len(by_id) != len(results):
+        raise BenchmarkError(f"{len(results)} attack results do not match the {sum(flips)} valid flips; "
                              "the partial run does not belong to these scores: delete it and run again")
-    pending = iter(results)
-    rows = [_row(s, next(pending) if flip else None) for s, flip in zip(head["examples"], flips)]
+    rows = [_row(s, by_id[s["id"]] if flip else None) for s, flip in zip(head["examples"], flips)]
     replayed = [r for r in rows if r["residual_replay"] is not None]
     replay = {} if not replayed else {
         "residual": sum(r["residual_replay"] for r in replayed) / len(replayed),

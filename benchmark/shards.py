@@ -1,10 +1,10 @@
 """A run in chunks: resuming an interrupted run, sharding one over processes, and merging the shards.
 
-The unit of work is one attack chunk: ``batch_size`` valid flips in test order, attacked together and their
-recovered examples replayed together; a chunk's results depend on that chunk alone. A run can therefore stop
-after any chunk and go on later, and ``n`` processes can share it: shard ``i`` of ``n`` runs the chunks whose
-index is ``i`` modulo ``n`` (fitting the defense and scoring base and defended behavior are deterministic, so
-every shard repeats them).
+The unit of work is one attack chunk: ``batch_size`` valid flips in length order (see
+:meth:`tasks.base.PromptBatch.length_order`), attacked together and their recovered examples replayed together; a
+chunk's results depend on that chunk alone. A run can therefore stop after any chunk and go on later, and ``n``
+processes can share it: shard ``i`` of ``n`` runs the chunks whose index is ``i`` modulo ``n`` (fitting the
+defense and scoring base and defended behavior are deterministic, so every shard repeats them).
 
 A *partial run* file holds what finishing the record needs: the run's fingerprint, its head (every part of the
 record that does not come from the attack: see :func:`benchmark.engine.run_head`) and the results of its finished
@@ -72,7 +72,7 @@ def partial_path(record: Path, shard: Shard) -> Path:
 
 
 def chunk_rows(chunk: int, size: int, n_flips: int) -> list[int]:
-    """Positions among the valid flips (test order) of chunk ``chunk``."""
+    """Positions among the valid flips (length order) of chunk ``chunk``."""
     return list(range(chunk * size, min((chunk + 1) * size, n_flips)))
 
 
@@ -159,7 +159,7 @@ class PartialRun:
         return data
 
     def results(self) -> list[dict]:
-        """Every finished chunk's results, in chunk order (for the whole run: one per valid flip, in test order)."""
+        """Every finished chunk's results, in chunk order (for the whole run: one per valid flip)."""
         return [r for c in sorted(self.done) for r in self.done[c]]
 
     def record(self) -> dict:

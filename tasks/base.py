@@ -77,6 +77,11 @@ class PromptBatch:
         for start in range(0, len(self), size):
             yield self.select(list(range(start, min(start + size, len(self)))))
 
+    def length_order(self) -> list[int]:
+        """Row indices from the shortest prompt to the longest (ties in order): chunks of rows taken in this
+        order carry little padding."""
+        return sorted(range(len(self)), key=lambda i: int(self.attention_mask[i].sum()))
+
 
 def encode_prompts(tokenizer, ids: list[str], prompts: list[str], targets: dict[str, Tensor],
                    read_len: int = 1) -> PromptBatch:
