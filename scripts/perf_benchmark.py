@@ -74,12 +74,16 @@ def with_filler(batch: PromptBatch, tokenizer, tokens: int) -> PromptBatch:
 
 
 def attack_step_seconds(model, task, defense, batch, steps: int) -> float:
-    """Seconds per attacker step on ``batch`` (no example recovers, so each step runs on all of them)."""
-    attack = RecoveryAttack(model, defense, task, AttackConfig(eps=NEVER, steps=steps, batch_size=len(batch)))
+    """Seconds per attacker step on ``batch``: no example recovers and none leaves early (patience 0), so each of
+    the ``steps`` updates runs on all of them; the final judging forward counts against the attacker."""
+    cfg = AttackConfig(eps=NEVER, steps=steps, batch_size=len(batch), patience=0)
+    attack = RecoveryAttack(model, defense, task, cfg)
     chunk = attack.prepare(batch)  # timed apart: done once per chunk, not per step
     t0 = time.perf_counter()
-    attack.run_chunk(chunk)
-    return (time.perf_counter() - t0) / (steps + 1)
+    outcomes = attack.run_chunk(chunk)
+    seconds = time.perf_counter() - t0
+    assert all(o.steps_used == steps and not o.recovered for o in outcomes), "every example must take every step"
+    return seconds / steps
 
 
 def plain_step_seconds(model, task, batch, layer: int, steps: int, reuse_prefix: bool) -> float:
@@ -200,7 +204,7 @@ def examples_scaling(model, task, defense, flips, sizes) -> list[dict]:
 def default_battery_seconds(model_name: str = DEFAULT_MODEL) -> dict:
     """Summed wall time of the committed records the default command writes (``benchmark evaluate --defense
     reference``: every suite with its reference defense, encoder attack)."""
-    seconds, found, commits = 0.0, [], set()
+    seconds, found, commits, threads = 0.0, [], set(), set()
     for task, cls in TASKS.items():
         path = RECORDS_DIR / model_name / cls.reference_defense / f"{task}__encoder.json"
         if path.exists():
@@ -208,7 +212,8 @@ def default_battery_seconds(model_name: str = DEFAULT_MODEL) -> dict:
             seconds += rec["provenance"]["wall_seconds"]
             found.append(task)
             commits.add(rec["provenance"]["git_commit"][:10])
-    return {"seconds": seconds, "suites": found, "commits": sorted(commits)}
+            threads.add(rec["provenance"]["cpu_threads"])
+    return {"seconds": seconds, "suites": found, "commits": sorted(commits), "threads": sorted(threads)}
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
@@ -251,6 +256,7 @@ def main() -> None:
         "default_battery_seconds": battery["seconds"] if battery["suites"] else None,
         "default_battery_suites": battery["suites"],
         "default_battery_record_commits": battery["commits"],
+        "default_battery_threads": battery["threads"],
         "cpu_threads": args.threads,
         "device": "cpu",
         "quick": args.quick,
@@ -273,7 +279,7 @@ def main() -> None:
         "## Attack wall time against number of examples", "",
         table(by_examples, ["examples", "attack_seconds"]), "",
         "## Default battery", "",
-        table([battery], ["seconds", "suites", "commits"]), "",
+        table([battery], ["seconds", "suites", "commits", "threads"]), "",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "perf.md", "\n".join(md))
