@@ -53,7 +53,7 @@ def cmd_evaluate(args) -> int | None:
     from benchmark.attack import AttackConfig
     from benchmark.engine import evaluate
     from benchmark.models import load_model
-    from benchmark.records import SHARD_FILE
+    from benchmark.records import SHARD_FILE, load_record, record_path
     from benchmark.shards import Shard
     from defenses import DEFENSES
     from defenses.base import check_params
@@ -91,6 +91,11 @@ def cmd_evaluate(args) -> int | None:
     for defense, task in runs:
         for cfg in cfgs:
             t0 = time.time()
+            kept = record_path(model.name, defense, task, cfg.mode, Path(args.records_dir))
+            if args.keep_existing and kept.exists():
+                commit = load_record(kept)["provenance"]["git_commit"][:10]
+                print(f"== {defense} on {task}, attack {cfg.mode}: kept {kept} (commit {commit})", flush=True)
+                continue
             print(f"== {defense} on {task}, attack {cfg.mode}" + (f", shard {shard}" if shard.count > 1 else ""),
                   flush=True)
             out, path = evaluate(model, defense, task, cfg, params, args.sae_dir, Path(args.records_dir),
@@ -211,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sae-dir", type=Path, default=None, help="folder with layer_<L>/ SAEs (sae_lens disk format)")
     ev.add_argument("--records-dir", default=str(RECORDS_DIR))
     ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--keep-existing", action="store_true",
+                    help="skip every run whose record exists already, whatever commit it ran at (its row on the "
+                         "leaderboard names that commit); for filling in a battery over several sessions")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--timeout", type=float, default=EVALUATE_TIMEOUT,
                     help="time limit in seconds for a submission's child process")

@@ -58,6 +58,12 @@ def test_evaluate_and_leaderboard_on_tiny_model(capsys, tiny_dir, tmp_path):
     assert "valid flips" in capsys.readouterr().out
     (path,) = records.rglob("*.json")
     assert path.name == "ioi__encoder.json"
+    before = path.read_bytes()
+    code = main(["evaluate", "--defense", "sae_clamp", "--tasks", "ioi", "--model", str(tiny_dir / "model"),
+                 "--sae-dir", str(tiny_dir / "saes"), "-D", "layer=1", "-D", "k=4", "--eps", "0.1", "--steps", "3",
+                 "--records-dir", str(records), "--quiet", "--keep-existing"])
+    assert code == 0 and path.read_bytes() == before, "another setting, but the record exists: kept"
+    assert "kept" in capsys.readouterr().out
     code = main(["leaderboard", "--records-dir", str(records), "--out-dir", str(tmp_path)])
     assert code == 0
     table = (tmp_path / "README.md").read_text()
