@@ -249,6 +249,12 @@ def smoke_test(sub: Submission, tiny_dir: Path | None = None) -> list[str]:
                 if not torch.equal(out[~mask], h[~mask]):
                     raise BenchmarkError(f"submission '{name}': edit at layer {L} changed positions outside "
                                          "token_mask (padding or the attention sink)")
+                cut = h.shape[1] - 2  # the edit of a prefix must be the prefix of the edit (no look-ahead)
+                early = _guard(name, f"edit at layer {L}", lambda: defense.edit(L, h[:, :cut], mask[:, :cut]))
+                if not torch.allclose(early, out[:, :cut], atol=1e-5, rtol=1e-4):
+                    raise BenchmarkError(f"submission '{name}': edit at layer {L} is not causal (its output at a "
+                                         "position changes with later positions); generation with a key/value "
+                                         "cache needs causal edits")
                 pre = _check_tensor(name, f"readouts at layer {L}",
                                     _guard(name, f"readouts at layer {L}", lambda: defense.readouts(L, h)), ndim=3)
                 if tuple(pre.shape[:2]) != tuple(h.shape[:2]):

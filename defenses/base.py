@@ -80,7 +80,10 @@ class Defense(ABC):
 
     @abstractmethod
     def edit(self, layer: int, h: Tensor, token_mask: Tensor) -> Tensor:
-        """Defended residual [b, p, d] from ``h`` [b, p, d]; ``token_mask`` [b, p] marks positions it may edit."""
+        """Defended residual [b, p, d] from ``h`` [b, p, d]; ``token_mask`` [b, p] marks positions it may edit.
+
+        Causal: the output at a position depends on ``h`` at that position and earlier ones only (generation with
+        a key/value cache, :meth:`benchmark.forward.EditedForward.greedy`, relies on it)."""
 
     @abstractmethod
     def readouts(self, layer: int, h: Tensor) -> Tensor:

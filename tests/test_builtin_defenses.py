@@ -202,3 +202,15 @@ def test_each_builtin_runs_through_the_engine(tiny_model, tiny_dir, tmp_path, na
         assert record["saes"] == [] and metrics["latent_replay_recovery"] is None
     else:
         assert [s["site"]["layer"] for s in record["saes"]] == sorted(ENGINE_PARAMS[name].get("layers", [2]))
+
+
+@pytest.mark.parametrize("name", BUILT_INS)
+def test_each_builtin_edit_is_causal(tiny_model, tiny_dir, ioi, name):
+    """The edit of a prefix is the prefix of the edit (generation with a key/value cache relies on it)."""
+    d = _fit(tiny_model, tiny_dir, ioi, name, **ENGINE_PARAMS.get(name, {"layer": 2, "k": 8}))
+    h, mask = _h_and_mask()
+    for L in d.sites:
+        full = d.edit(L, h, mask)
+        assert torch.allclose(d.edit(L, h[:, :3], mask[:, :3]), full[:, :3], atol=1e-5)
+        if name != "none":
+            assert not torch.allclose(full, h), "the check must see an edit"

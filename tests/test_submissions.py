@@ -263,6 +263,9 @@ def test_defense_that_produces_nan(capsys, tmp_path, tiny_dir):
      "edit at layer 2 changed positions outside token_mask"),
     (GOOD_CODE + "\n    def edit(self, layer, h, token_mask):\n        return super().edit(layer, h.detach(), token_mask)\n",
      "gradient through the defense at layer 2 is zero"),
+    ("import torch\n" + GOOD_CODE + "\n    def edit(self, layer, h, token_mask):\n        m = token_mask[..., None]\n"
+                 "        return torch.where(m, h + (h * m).mean(1, keepdim=True), h)\n",
+     "edit at layer 2 is not causal"),
     (GOOD_CODE + "\n    def fit(self, ctx):\n        raise ValueError('no\\nluck')\n",
      "submission 'misbehaving' failed in fit: ValueError: no luck"),
 ])
