@@ -74,9 +74,9 @@ def with_filler(batch: PromptBatch, tokenizer, tokens: int) -> PromptBatch:
 
 
 def attack_step_seconds(model, task, defense, batch, steps: int) -> float:
-    """Seconds per attacker step on ``batch``: no example recovers and none leaves early (patience 0), so each of
+    """Seconds per attacker step on ``batch``: no example recovers and none leaves early (no patience), so each of
     the ``steps`` updates runs on all of them; the final judging forward counts against the attacker."""
-    cfg = AttackConfig(eps=NEVER, steps=steps, batch_size=len(batch), patience=0)
+    cfg = AttackConfig(eps=NEVER, steps=steps, batch_size=len(batch), patience=None)
     attack = RecoveryAttack(model, defense, task, cfg)
     chunk = attack.prepare(batch)  # timed apart: done once per chunk, not per step
     t0 = time.perf_counter()
