@@ -10,6 +10,7 @@ suite a table of every record (all attack modes, the soft-suffix baseline, path 
 from __future__ import annotations
 
 import csv
+import json
 import io
 import os
 import re
@@ -46,7 +47,9 @@ MAIN_LEGEND = ("Each suite's cell: **robust suppression** · the attack it is ra
                "relative / absolute; reactivation · side effect (KL) · valid flips. `–`: no record yet.")
 SUITE_LEGEND = ("Every record of the suite: all attack modes, the soft-suffix baseline (no residual access) for "
                 "comparison, and path replay (recovery rate when only the SAE-error part, or only the non-defended "
-                "latents' part, of the attack's change is replayed). **Bold**: the attack the defense is ranked on.")
+                "latents' part, of the attack's change is replayed), and the suite's own metrics (TPP's metric, "
+                "refusal's harmless refusal rates and base-like recovery). **Bold**: the attack the defense is ranked "
+                "on.")
 
 
 def load_records(root: Path = RECORDS_DIR) -> list[Entry]:
@@ -161,7 +164,7 @@ def _suite_cell(entry: Entry, base: Path) -> str:
 MAIN_HEADERS = ["rank", "defense", "mean robust suppression", *SUITES]
 SUITE_HEADERS = ["rank", "defense", "attack", "suppression", "recovery [95% CI]", "robust suppression",
                  "recovery budget (median)", "drift rel / abs", "reactivation", "side effect (KL)", "defense edit",
-                 "residual replay", "latent replay", "valid flips", "commit", "record"]
+                 "residual replay", "latent replay", "valid flips", "suite metrics", "commit", "record"]
 
 
 def main_rows(standing: list[Standing], base: Path) -> list[list[str]]:
@@ -183,9 +186,14 @@ def suite_rows(standing: list[Standing], suite: str, base: Path) -> list[list[st
                          f"{_num(m['drift_rel'])} / {_num(m['drift_abs'])}", _pct(m["reactivation"]),
                          _num(m["side_effect"]), _num(m.get("defense_edit_rel")),
                          _pct(m["residual_replay_recovery"]), _pct(m["latent_replay_recovery"]),
-                         f"{c['valid_flips']} of {c['base_behavior']}", _commit(r),
+                         f"{c['valid_flips']} of {c['base_behavior']}", _suite_metrics(r), _commit(r),
                          f"[json]({_href(path, base)})"])
     return rows
+
+
+def _suite_metrics(r: dict) -> str:
+    """The record's ``task_metrics`` (the suite's own metrics), ``name value`` each, or ``–``."""
+    return "<br>".join(f"{k} {_num(v)}" for k, v in sorted((r.get("task_metrics") or {}).items())) or "–"
 
 
 # -- markdown -----------------------------------------------------------------------------------------------------
@@ -252,7 +260,7 @@ def render_csv(models: list[tuple[str, list[Standing]]], base: Path) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["model", "rank", "defense", "suite", "attack", "ranked", "eps_rel", *COUNTS, *METRICS,
-                     "commit", "dirty", "record"])
+                     "task_metrics", "commit", "dirty", "record"])
     for model, standing in models:
         for s in standing:
             for path, r in s.entries:
@@ -260,7 +268,7 @@ def render_csv(models: list[tuple[str, list[Standing]]], base: Path) -> str:
                 writer.writerow([_csv_value(v) for v in (
                     model, s.rank, s.defense, r["task"]["name"], r["attack"]["mode"], ranked, r["attack"]["eps_rel"],
                     *(r["counts"][k] for k in COUNTS), *(r["metrics"].get(k) for k in METRICS),
-                    r["provenance"]["git_commit"], r["provenance"]["git_dirty"], _href(path, base))])
+                    json.dumps(r.get("task_metrics") or {}, sort_keys=True), r["provenance"]["git_commit"], r["provenance"]["git_dirty"], _href(path, base))])
     return out.getvalue()
 
 

@@ -20,6 +20,7 @@ import torch
 
 from benchmark.errors import BenchmarkError
 from benchmark.metrics import budget_curve, is_valid_flip, summarize
+from tasks import TASKS
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "run_record.schema.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -168,8 +169,9 @@ def build_record(head: dict, results: list[dict], provenance: dict) -> dict:
     record = {k: head[k] for k in ("schema_version", "benchmark_version", "model", "saes", "defense", "task")}
     record.update(attack=attack_section(head["attack"], results), counts=counts, metrics=metrics,
                   budget_curve=budget_curve(rows, head["attack"]["eps_sweep"]), examples=rows, provenance=provenance)
-    if head.get("task_metrics"):
-        record["task_metrics"] = head["task_metrics"]
+    task_metrics = {**(head.get("task_metrics") or {}), **TASKS.get(head["task"]["name"]).outcome_metrics(rows)}
+    if task_metrics:
+        record["task_metrics"] = task_metrics
     return record
 
 

@@ -217,6 +217,13 @@ class TaskSuite(ABC):
         ``base`` and ``defended`` run the model without and with the defense. Default: none."""
         return {}
 
+    @classmethod
+    def outcome_metrics(cls, rows: list[dict]) -> dict[str, float | None]:
+        """Suite-specific metrics of the attack's outcome from the record's example rows (``valid_flip``,
+        ``recovered``, ``b_attacked``, ...), recorded under ``task_metrics`` beside :meth:`task_metrics`'s; computed
+        from the rows alone, so a merged record gets them too. Default: none."""
+        return {}
+
     @abstractmethod
     def control_batch(self) -> PromptBatch:
         """Neutral prompts on which the defense should not change the next-token distribution."""

@@ -282,6 +282,19 @@ def test_evaluate_writes_a_valid_record(model, tiny, tmp_path):
     metrics = record["task_metrics"]
     increase = metrics["harmless_refusal_defended"] - metrics["harmless_refusal_base"]
     assert metrics["harmless_refusal_increase"] == pytest.approx(increase)
+    flips = [r for r in record["examples"] if r["valid_flip"]]
+    base_like = sum(r["b_attacked"] == J.BASE_LIKE for r in flips)
+    assert metrics["base_like_recovered"] == base_like
+    assert metrics["base_like_recovery_rate"] == (base_like / len(flips) if flips else None)
+
+
+def test_base_like_recovery_counts_only_base_like_answers():
+    from tasks.refusal.suite import RefusalSuite
+
+    rows = [{"valid_flip": True, "b_attacked": J.BASE_LIKE}, {"valid_flip": True, "b_attacked": J.ANSWER},
+            {"valid_flip": True, "b_attacked": J.REFUSAL}, {"valid_flip": False, "b_attacked": None}]
+    assert RefusalSuite.outcome_metrics(rows) == {"base_like_recovered": 1.0, "base_like_recovery_rate": 1 / 3}
+    assert RefusalSuite.outcome_metrics(rows[3:])["base_like_recovery_rate"] is None
 
 
 def test_hub_sources_fail_clearly_offline(model):
