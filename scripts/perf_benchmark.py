@@ -95,7 +95,7 @@ def plain_step_seconds(model, task, batch, layer: int, steps: int, reuse_prefix:
     cached = {}
     grab = blocks[layer].register_forward_hook(lambda m, i, o: cached.setdefault("h", o.detach()))
     with torch.no_grad():
-        hf(**inputs, logits_to_keep=1)
+        hf(**inputs, logits_to_keep=1, use_cache=False)
     grab.remove()
     delta = torch.zeros_like(cached["h"], requires_grad=True)
     hooks = [blocks[layer].register_forward_hook(lambda m, i, o: o + delta)]
@@ -107,7 +107,7 @@ def plain_step_seconds(model, task, batch, layer: int, steps: int, reuse_prefix:
     try:
         t0 = time.perf_counter()
         for _ in range(steps):
-            logits = hf(**inputs, logits_to_keep=1).logits
+            logits = hf(**inputs, logits_to_keep=1, use_cache=False).logits  # as the attacker: no key/value cache
             task.attack_loss(logits, batch).sum().backward()
             delta.grad = None
         return (time.perf_counter() - t0) / steps
