@@ -29,14 +29,13 @@ from tasks.base import TASKS, PromptBatch, TaskSuite
 
 
 def shared_prefix(model: LoadedModel, task: TaskSuite, defense: Defense) -> BaseResiduals | None:
-    """The store of undefended residuals below the defense's first site that every scoring pass of a run starts
-    from; None when nothing is shared (no sites, a suite reading below them, or one that generates)."""
-    if not defense.sites or task.score_runs_new_tokens:
+    """The store of undefended residuals at the lowest layer a run edits or reads (the defense's first site, or a
+    residual-reading suite's read layer), which every scoring pass of the run starts from; None when nothing is
+    shared (a suite reading logits against a defense without sites, or one that generates)."""
+    touched = [*defense.sites, *([] if task.read_layer is None else [task.read_layer])]
+    if not touched or task.score_runs_new_tokens:
         return None
-    layer = min(defense.sites)
-    if task.read_layer is not None and task.read_layer < layer:
-        return None
-    return BaseResiduals(model, layer)
+    return BaseResiduals(model, min(touched))
 
 
 @torch.no_grad()

@@ -175,6 +175,18 @@ def test_ablation_lowers_the_margin_and_sae_clamp_runs_unchanged(ablation, tpp, 
     assert not torch.allclose(behavior_scores(tpp_model, tpp, batch, clamp), base)
 
 
+def test_shared_residuals_serve_a_defense_without_sites_at_the_read_layer(tpp, tpp_model):
+    from benchmark.engine import shared_prefix
+
+    none = DEFENSES.get("none").create()
+    store = shared_prefix(tpp_model, tpp, none)
+    assert store is not None and store.layer == tpp.read_layer
+    batch = tpp.encode(tpp.examples("dev")[:6])
+    full = behavior_scores(tpp_model, tpp, batch, None)
+    assert torch.allclose(behavior_scores(tpp_model, tpp, batch, none, residuals=store), full, atol=1e-4)
+    assert len(store) == 6
+
+
 def test_ablation_needs_a_suite_with_probes(tpp_model, tpp_dir):
     ioi = TASKS.get("ioi")(tpp_model.tokenizer)
     with pytest.raises(BenchmarkError, match="tpp_ablation needs a suite with class probes"):
