@@ -104,7 +104,10 @@ def evaluate(
     with _phase("prepare task", progress):
         task.prepare(model)
     with _phase("fit defense", progress):
-        defense.fit(FitContext(model, task, sae_dir))
+        ctx = FitContext(model, task, sae_dir)
+        defense.fit(ctx)
+        for layer in defense.sites:
+            ctx.check_site(layer)
     test = task.encode(task.examples("test"))
     residuals = shared_prefix(model, task, defense)
     with _phase("score base and defended", progress):

@@ -51,6 +51,16 @@ class FitContext:
             return self.model.spec.sae_source.default_layer
         return self.model.n_layers // 2
 
+    def check_site(self, layer: int) -> None:
+        """Refuse a site out of the model's range, or above the layer a residual-reading suite reads (an edit there
+        cannot change the behavior, and the forward pass stops before it)."""
+        self.model.check_layer(layer)
+        read = self.task.read_layer
+        if read is not None and layer > read:
+            raise BenchmarkError(
+                f"layer {layer} lies above the residual suite '{self.task.name}' reads (after block {read}): an "
+                f"edit there cannot change its behavior; choose layers up to {read} (e.g. -D layers=[8,{read}])")
+
 
 class Defense(ABC):
     name: ClassVar[str]
@@ -255,6 +265,7 @@ def top_attributed_features(ctx: FitContext, layer: int, k: int, chunk: int = 32
     """
     from benchmark.forward import run_task
 
+    ctx.check_site(layer)
     sae = ctx.sae(layer).sae
     batch = ctx.fit_batch()
     total = torch.zeros(sae.cfg.d_sae)

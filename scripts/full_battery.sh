@@ -18,7 +18,12 @@ run --defense reference --attack encoder,none,soft_suffix "$@"
 # defenses that fit on any suite: encoder first, so the main table fills before the other modes
 GENERIC="sae_clamp error_projection_clamp sae_reconstruct_clamp directional_ablation none submissions/decoder_span_ablation"
 for d in $GENERIC; do run --defense "$d" --tasks "$ALL" --attack encoder "$@"; done
-run --defense multi_layer_clamp --tasks "$ALL" --attack jacobian "$@"
+# the multi-site clamp's default layers are 8, 12, 16; TPP reads the residual after block 12, so there it takes 8, 12
+MULTI=(--defense multi_layer_clamp --tasks wmdp_bio,ioi,refusal)
+MULTI_TPP=(--defense multi_layer_clamp --tasks tpp -D "layers=[8,12]")
+run "${MULTI[@]}" --attack jacobian "$@"
+run "${MULTI_TPP[@]}" --attack jacobian "$@"
 for d in $GENERIC; do run --defense "$d" --tasks "$ALL" --attack none,soft_suffix "$@"; done
-run --defense multi_layer_clamp --tasks "$ALL" --attack encoder,none,soft_suffix "$@"
+run "${MULTI[@]}" --attack encoder,none,soft_suffix "$@"
+run "${MULTI_TPP[@]}" --attack encoder,none,soft_suffix "$@"
 $B leaderboard

@@ -187,6 +187,16 @@ def test_shared_residuals_serve_a_defense_without_sites_at_the_read_layer(tpp, t
     assert len(store) == 6
 
 
+def test_sites_above_the_read_layer_are_refused(tpp_model, tpp_dir, tpp, tmp_path):
+    above = tpp.read_layer + 1
+    with pytest.raises(BenchmarkError, match=f"layer {above} lies above the residual suite 'tpp' reads"):
+        DEFENSES.get("multi_layer_clamp").create(layers=[1, above], k=4).fit(
+            FitContext(tpp_model, tpp, tpp_dir / "saes"))
+    with pytest.raises(BenchmarkError, match=f"layer {above} lies above"):  # no attribution: the engine checks
+        evaluate(tpp_model, "directional_ablation", "tpp", AttackConfig(eps=(0.5,), steps=1), {"layer": above},
+                 tpp_dir / "saes", tmp_path, progress=False)
+
+
 def test_ablation_needs_a_suite_with_probes(tpp_model, tpp_dir):
     ioi = TASKS.get("ioi")(tpp_model.tokenizer)
     with pytest.raises(BenchmarkError, match="tpp_ablation needs a suite with class probes"):
