@@ -153,13 +153,14 @@ def one_config(spec: dict) -> dict:
     """Steps per second and peak memory of one configuration (run in a fresh process by :func:`scaling`)."""
     torch.set_num_threads(spec["threads"])
     model, task, defense, flips = setup(spec.get("defense", "sae_clamp"), spec.get("params"),
-                                        n_test=2 * spec["batch"] + 16)
-    batch = flips.select(list(range(min(spec["batch"], len(flips)))))
-    batch = with_filler(batch, model.tokenizer, spec.get("filler", 0))
+                                        n_test=4 * spec["batch"] + 16)
+    filled = with_filler(flips, model.tokenizer, spec.get("filler", 0))  # still flips with the filler?
+    still = (behavior_scores(model, task, filled, None) > 0) & (behavior_scores(model, task, filled, defense) <= 0)
+    batch = filled.select(still.nonzero()[:spec["batch"], 0])
     base = rss_mib("VmRSS")
     reset_peak_rss()  # loading the model peaks far above an attack step: measure the attack's own peak
     sec = attack_step_seconds(model, task, defense, batch, spec["steps"])
-    return {**spec, "tokens": int(batch.input_ids.shape[1]), "steps_per_s": 1 / sec,
+    return {**spec, "batch": len(batch), "tokens": int(batch.input_ids.shape[1]), "steps_per_s": 1 / sec,
             "peak_rss_mib": rss_mib("VmHWM"), "attack_peak_over_rest_mib": rss_mib("VmHWM") - base}
 
 
