@@ -16,7 +16,7 @@ from torch import Tensor
 from benchmark import __version__
 from benchmark.attack import AttackConfig, ExampleOutcome, RecoveryAttack, defense_edits
 from benchmark.base_residuals import BaseResiduals
-from benchmark.forward import capture, compose, next_token_kl, run_edited, task_forward
+from benchmark.forward import capture, compose, next_token_kl, residual_prefix, run_edited, task_forward
 from benchmark.metrics import is_valid_flip
 from benchmark.models import LoadedModel
 from benchmark.records import (RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance, record_path,
@@ -59,8 +59,7 @@ def defense_edit_size(model: LoadedModel, defense: Defense, batch: PromptBatch, 
     for part in batch.chunks(chunk):
         before, after = {}, {}
         edits = {L: compose(capture(before, L), e, capture(after, L)) for L, e in defense_edits(defense, part).items()}
-        prefix = None if residuals is None else (residuals.layer, residuals.get(part))
-        run_edited(model, part, edits, read_layer=max(edits), prefix=prefix)
+        run_edited(model, part, edits, read_layer=max(edits), prefix=residual_prefix(residuals, part))
         m = part.token_mask
         for L in defense.sites:
             ratios[L][0] += float((after[L] - before[L])[m].pow(2).sum())

@@ -140,7 +140,7 @@ class EditedForward:
     def __call__(self, batch: PromptBatch) -> Tensor:
         embeds = None if self.embeds_for is None else self.embeds_for(batch)
         return run_task(self.model, self.task, batch, self.edits_for(batch), inputs_embeds=embeds,
-                        prefix=_prefix(self.residuals, batch))
+                        prefix=residual_prefix(self.residuals, batch))
 
     @torch.no_grad()
     def greedy(self, batch: PromptBatch, new_tokens: int, eos_id: int) -> Tensor:
@@ -184,7 +184,8 @@ def task_forward(model: LoadedModel, task: TaskSuite, edits_for: Callable[[Promp
     return EditedForward(model, task, edits_for, residuals)
 
 
-def _prefix(residuals: BaseResiduals | None, batch: PromptBatch) -> tuple[int, Tensor] | None:
+def residual_prefix(residuals: BaseResiduals | None, batch: PromptBatch) -> tuple[int, Tensor] | None:
+    """``run_edited``'s ``prefix`` from the stored undefended residuals of ``batch`` (None without a store)."""
     return None if residuals is None else (residuals.layer, residuals.get(batch))
 
 
@@ -271,7 +272,7 @@ def next_token_kl(model: LoadedModel, batch: PromptBatch, edits_for: Callable[[P
     """
     total, count = 0.0, 0
     for part in batch.chunks(chunk):
-        prefix = _prefix(residuals, part)
+        prefix = residual_prefix(residuals, part)
         base = torch.log_softmax(run_edited(model, part, {}, all_logits=True, prefix=prefix), -1)
         edited = torch.log_softmax(run_edited(model, part, edits_for(part), all_logits=True, prefix=prefix), -1)
         kl = (base.exp() * (base - edited)).sum(-1)

@@ -10,8 +10,8 @@ suite a table of every record (all attack modes, the soft-suffix baseline, path 
 from __future__ import annotations
 
 import csv
-import json
 import io
+import json
 import os
 import re
 from collections import defaultdict
@@ -268,7 +268,8 @@ def render_csv(models: list[tuple[str, list[Standing]]], base: Path) -> str:
                 writer.writerow([_csv_value(v) for v in (
                     model, s.rank, s.defense, r["task"]["name"], r["attack"]["mode"], ranked, r["attack"]["eps_rel"],
                     *(r["counts"][k] for k in COUNTS), *(r["metrics"].get(k) for k in METRICS),
-                    json.dumps(r.get("task_metrics") or {}, sort_keys=True), r["provenance"]["git_commit"], r["provenance"]["git_dirty"], _href(path, base))])
+                    json.dumps(r.get("task_metrics") or {}, sort_keys=True), r["provenance"]["git_commit"],
+                    r["provenance"]["git_dirty"], _href(path, base))])
     return out.getvalue()
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from benchmark import sae_math
 from benchmark.errors import BenchmarkError
-from benchmark.forward import Edit, capture, run_edited
+from benchmark.forward import Edit, run_edited
 from benchmark.saes import LoadedSAE
 from defenses.base import DEFENSES, FitContext, SAEFeatureDefense
 from tasks.base import PromptBatch
@@ -43,9 +43,7 @@ def truncate_answers(batch: PromptBatch, n: int) -> PromptBatch:
 @torch.no_grad()
 def residual(ctx: FitContext, layer: int, batch: PromptBatch) -> Tensor:
     """[b, p, d] residual after block ``layer`` of the undefended model."""
-    seen: dict[int, Tensor] = {}
-    run_edited(ctx.model, batch, {layer: capture(seen, layer)}, read_layer=layer)
-    return seen[layer]
+    return run_edited(ctx.model, batch, {}, read_layer=layer)
 
 
 def answer_nll(ctx: FitContext, layer: int, batch: PromptBatch, h: Tensor, edit: Edit) -> Tensor:

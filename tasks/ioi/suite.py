@@ -20,7 +20,6 @@ class IOISuite(TaskSuite):
     data_file = DATA
     description = "IOI: templated ABBA/BABA prompts, b = logit(IO) - logit(S) at the final position"
 
-
     def _single_token(self, name: str) -> int | None:
         ids = self.tokenizer(name, add_special_tokens=False)["input_ids"]
         return ids[0] if len(ids) == 1 else None

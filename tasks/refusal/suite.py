@@ -127,7 +127,6 @@ class RefusalSuite(TaskSuite):
 
     # -- data ----------------------------------------------------------------------------------------------------
 
-
     @cached_property
     def _hub_requests(self) -> list[str]:
         return load_hub_requests(self.source) if self.source != "project" else []

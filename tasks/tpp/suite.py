@@ -106,7 +106,6 @@ class TPPSuite(TaskSuite):
         self._probes: ClassProbes | None = None
         self._fit_residuals: list[tuple[PromptBatch, Tensor]] | None = None
 
-
     @property
     def classes(self) -> list[str]:
         return self.data["classes"]

@@ -116,7 +116,6 @@ class WMDPBioSuite(TaskSuite):
     def data_files(self) -> list[Path]:
         return sorted({self.data_file, self.question_file})
 
-
     @cached_property
     def _questions(self) -> dict[str, list[dict]]:
         return json.loads(self.question_file.read_text())["splits"]
