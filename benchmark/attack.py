@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from benchmark import jacobian, sae_math
 from benchmark.errors import BenchmarkError
-from benchmark.forward import Edit, EditedForward, add, capture, compose, input_embeddings, run_task
+from benchmark.forward import Edit, EditedForward, add, capture, compose, input_embeddings, run_edited, run_task
 from benchmark.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
@@ -284,16 +284,16 @@ class RecoveryAttack:
 
     # -- forward passes ------------------------------------------------------------------------------------------
 
-    def _forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool, h_site: Tensor | None = None):
+    def _forward(self, batch: PromptBatch, delta: Tensor, h_site: Tensor | None = None):
         """Defended forward with ``delta`` applied; returns what the suite reads and every site's input.
 
         ``h_site`` [b, p, d], the unattacked residual at the attacked site, skips every block up to the site
         (nothing there depends on ``delta``); it needs every defended site at or above the attacked one."""
         if self.cfg.mode == "soft_suffix":
-            return self._suffix_forward(batch, delta, grad)
+            return self._suffix_forward(batch, delta)
         seen: dict[int, Tensor] = {}
         prefix = None if h_site is None else (self.layer, h_site)
-        with torch.set_grad_enabled(grad):
+        with torch.enable_grad():
             read = run_task(self.model, self.task, batch, self._attacked_edits(batch, delta, seen), prefix=prefix)
         return read, seen
 
@@ -311,13 +311,13 @@ class RecoveryAttack:
         """Whether attack steps skip the blocks below the site (no defended site lies below it)."""
         return self.layer is not None and all(L >= self.layer for L in self.defense.sites)
 
-    def _suffix_forward(self, batch: PromptBatch, delta: Tensor | None, grad: bool):
+    def _suffix_forward(self, batch: PromptBatch, delta: Tensor):
         """Defended forward from input embeddings with ``delta`` on the suffix tokens (:meth:`_suffix_embeds`)."""
         seen: dict[int, Tensor] = {}
         edits = defense_edits(self.defense, batch)
         for L in self.defense.sites:
             edits[L] = compose(capture(seen, L), edits[L])
-        with torch.set_grad_enabled(grad):
+        with torch.enable_grad():
             read = run_task(self.model, self.task, batch, edits, inputs_embeds=self._suffix_embeds(batch, delta))
         return read, seen
 
@@ -351,7 +351,7 @@ class RecoveryAttack:
         """The chunk's reference norms, masks, defended readouts and (mode jacobian) cross-site basis."""
         if self.cfg.mode == "soft_suffix":
             return self._prepare_suffix(batch)
-        _, seen = self._forward(batch, None, grad=False)
+        seen = self._site_inputs(batch, self._attacked_edits(batch, None))
         pos_mask = attacked_positions(batch, self.cfg.positions)
         chunk = Chunk(batch, seen[self.layer].norm(dim=-1), pos_mask, batch.attention_mask.bool(),
                        self._readouts(seen), seen[self.layer].detach() if self.reuses_prefix else None)
@@ -359,9 +359,20 @@ class RecoveryAttack:
             self._cross_site(chunk)
         return chunk
 
+    @torch.no_grad()
+    def _site_inputs(self, batch: PromptBatch, edits: dict[int, Edit], inputs_embeds: Tensor | None = None
+                     ) -> dict[int, Tensor]:
+        """Every edited site's input [b, p, d] with ``edits`` (no ``delta``), from a pass that stops at the last
+        of them (nothing above it is read); empty without edits."""
+        seen: dict[int, Tensor] = {}
+        if edits:
+            captured = {L: compose(capture(seen, L), e) for L, e in edits.items()}
+            run_edited(self.model, batch, captured, read_layer=max(edits), inputs_embeds=inputs_embeds)
+        return seen
+
     def _prepare_suffix(self, batch: PromptBatch) -> Chunk:
         ext = with_suffix(batch, self.cfg.suffix_len, self.suffix_id)
-        _, seen = self._forward(ext, None, grad=False)
+        seen = self._site_inputs(ext, defense_edits(self.defense, ext), self._suffix_embeds(ext, None))
         n, k = len(batch), self.cfg.suffix_len
         slots = torch.ones(n, k)
         if self.cfg.positions == "last":
@@ -378,7 +389,7 @@ class RecoveryAttack:
         gen = torch.Generator().manual_seed(self.cfg.seed)
         delta = torch.zeros(n, batch.input_ids.shape[1], self.model.d_model, requires_grad=True)
         with torch.enable_grad(), jacobian.twice_differentiable():
-            _, seen = self._forward(batch, delta, grad=True, h_site=chunk.h_site)
+            _, seen = self._forward(batch, delta, h_site=chunk.h_site)
             reads = {L: self.defense.readouts(L, seen[L]) for L in self.later_sites}
         first = jacobian.first_row_position(chunk.slot_mask)
         rows = int(jacobian.rows_per_example(reads, batch.token_mask, first).max())
@@ -485,7 +496,7 @@ class RecoveryAttack:
             cols = slice(None) if suffix else slice(p - sub.input_ids.shape[1], p)
             d = delta[idx, cols].clone().requires_grad_(True)
             h_site = None if chunk.h_site is None else chunk.h_site[idx][:, cols]
-            read, seen_att = self._forward(sub, d, grad=True, h_site=h_site)
+            read, seen_att = self._forward(sub, d, h_site=h_site)
             b = self.task.behavior(read, sub).detach()
             reads = self._readouts(seen_att)
             newly = b > 0

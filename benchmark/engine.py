@@ -42,11 +42,13 @@ def shared_prefix(model: LoadedModel, task: TaskSuite, defense: Defense) -> Base
 def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, defense: Defense | None,
                     chunk: int = 64, residuals: BaseResiduals | None = None) -> Tensor:
     """Judged behavior score [b] of every example (:meth:`TaskSuite.score`), with the defense active when given
-    (starting from ``residuals`` when given, see :func:`shared_prefix`)."""
+    (starting from ``residuals`` when given, see :func:`shared_prefix`); without a defense, the suite's
+    :meth:`TaskSuite.known_base_scores` when it has them."""
+    known = task.known_base_scores(batch) if defense is None else None
+    if known is not None:
+        return known
     forward = task_forward(model, task, lambda part: defense_edits(defense, part), residuals)
-    order = batch.length_order()
-    scores = torch.cat([task.score(forward, batch.select(order[i:i + chunk])) for i in range(0, len(order), chunk)])
-    return scores[torch.argsort(torch.tensor(order))]
+    return batch.map_length_chunks(chunk, lambda part: task.score(forward, part))
 
 
 @torch.no_grad()
@@ -56,7 +58,7 @@ def defense_edit_size(model: LoadedModel, defense: Defense, batch: PromptBatch, 
     if not defense.sites:
         return None
     ratios = {L: [0.0, 0.0] for L in defense.sites}
-    for part in batch.chunks(chunk):
+    for part in batch.length_chunks(chunk):
         before, after = {}, {}
         edits = {L: compose(capture(before, L), e, capture(after, L)) for L, e in defense_edits(defense, part).items()}
         run_edited(model, part, edits, read_layer=max(edits), prefix=residual_prefix(residuals, part))

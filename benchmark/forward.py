@@ -271,7 +271,7 @@ def next_token_kl(model: LoadedModel, batch: PromptBatch, edits_for: Callable[[P
     ``residuals`` both passes start from the stored undefended residual (see :func:`task_forward`).
     """
     total, count = 0.0, 0
-    for part in batch.chunks(chunk):
+    for part in batch.length_chunks(chunk):
         prefix = residual_prefix(residuals, part)
         base = torch.log_softmax(run_edited(model, part, {}, all_logits=True, prefix=prefix), -1)
         edited = torch.log_softmax(run_edited(model, part, edits_for(part), all_logits=True, prefix=prefix), -1)

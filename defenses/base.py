@@ -269,7 +269,7 @@ def top_attributed_features(ctx: FitContext, layer: int, k: int, chunk: int = 32
     sae = ctx.sae(layer).sae
     batch = ctx.fit_batch()
     total = torch.zeros(sae.cfg.d_sae)
-    for part in batch.chunks(chunk):
+    for part in batch.length_chunks(chunk):
         probe = torch.zeros(*part.input_ids.shape, sae.cfg.d_sae, requires_grad=True)
         latents = {}
 

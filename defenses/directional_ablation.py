@@ -63,6 +63,7 @@ class DirectionalAblation(Defense):
         layer = self.layer if self.layer is not None else ctx.default_layer()
         ctx.model.check_layer(layer)
         fit = ctx.fit_batch()
+        fit = fit.select(fit.length_order())  # chunks of similar length: little padding
         sums, counts = self._residuals(ctx, fit, layer)
         if self.contrast == "control":
             pos = self._mean(sums, counts)

@@ -196,12 +196,13 @@ class RefusalSteering(SAEFeatureDefense):
 
         (xa, ma), (xb, mb) = features(harmful), features(harmless)
         scale = torch.cat([xa[ma], xb[mb]]).std(0) + 1e-2
+        xa, xb = xa / scale, xb / scale  # standardized once, not in every step
         w, b = torch.zeros(len(all_latents), requires_grad=True), torch.zeros(1, requires_grad=True)
         opt = torch.optim.Adam([w, b], lr=PROBE_LR)
         y = torch.cat([torch.ones(len(xa)), torch.zeros(len(xb))])
         for _ in range(PROBE_STEPS):
             with torch.enable_grad():
-                z = torch.cat([self._pooled(xa / scale, ma, w, b), self._pooled(xb / scale, mb, w, b)])
+                z = torch.cat([self._pooled(xa, ma, w, b), self._pooled(xb, mb, w, b)])
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y)
                 opt.zero_grad()
                 loss.backward()

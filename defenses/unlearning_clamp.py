@@ -48,7 +48,7 @@ def firing_frequency(ctx: FitContext, layer: int, texts: list[str], chunk: int =
     batch = encode_prompts(ctx.model.tokenizer, ids, texts, {})
     active = torch.zeros(sae.cfg.d_sae)
     tokens = 0
-    for part in batch.chunks(chunk):
+    for part in batch.length_chunks(chunk):
         h = run_edited(ctx.model, part, {}, read_layer=layer)  # [b, p, d]
         mask = part.token_mask
         active += (sae.encode(h[mask]) > 0).sum(0).float()

@@ -82,6 +82,16 @@ class PromptBatch:
         order carry little padding."""
         return sorted(range(len(self)), key=lambda i: int(self.attention_mask[i].sum()))
 
+    def length_chunks(self, size: int):
+        """Chunks of at most ``size`` rows taken in :meth:`length_order` (for passes whose results are summed)."""
+        return self.select(self.length_order()).chunks(size)
+
+    def map_length_chunks(self, size: int, fn: Callable[["PromptBatch"], Tensor]) -> Tensor:
+        """``fn``'s rows [b_chunk, ...] over :meth:`length_chunks`, concatenated back in this batch's row order."""
+        order = self.length_order()
+        out = torch.cat([fn(part) for part in self.length_chunks(size)])
+        return out[torch.argsort(torch.tensor(order))]
+
 
 def encode_prompts(tokenizer, ids: list[str], prompts: list[str], targets: dict[str, Tensor],
                    read_len: int = 1) -> PromptBatch:
@@ -211,6 +221,11 @@ class TaskSuite(ABC):
         teacher-forced answer), such as the prompt plus generated tokens. Default: :meth:`behavior` of one pass.
         """
         return self.behavior(forward(batch), batch)
+
+    def known_base_scores(self, batch: PromptBatch) -> Tensor | None:
+        """The judged behavior [b] of the undefended model, when encoding ``batch`` already ran that very judgement
+        (a refusal suite generates the base answer it teacher-forces); None (default): the engine scores it."""
+        return None
 
     def task_metrics(self, base: Forward, defended: Forward) -> dict[str, float | None]:
         """Suite-specific metrics of the defense, recorded under ``task_metrics`` (e.g. TPP's accuracy drops);

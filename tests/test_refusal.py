@@ -305,3 +305,40 @@ def test_hub_sources_fail_clearly_offline(model):
         load_hub_requests("advbench")  # the tests run with HF_HUB_OFFLINE=1
     with pytest.raises(BenchmarkError, match="unknown refusal source"):
         RefusalSuite(model.tokenizer, source="advbench2")
+
+
+
+def test_known_base_scores_are_the_undefended_judgement(model, monkeypatch):
+    """The base scores come from the base answers made at encoding, judged as :meth:`score` judges the undefended
+    model's generation: here a base-like answer, a refusal and a degenerate one (planted as the base answers, and
+    spelled by the stand-in for the undefended model)."""
+    from benchmark.engine import behavior_scores
+    from tasks import TASKS
+    from tasks.refusal.suite import NEW_TOKENS
+
+    suite = TASKS.get("refusal")(model.tokenizer)
+    suite.prepare(model)
+    examples = suite.examples("test")[:3]
+    tok = suite.tokenizer
+    for prompt, text in zip(suite.prompts(examples), (LABELLED[7][0], LABELLED[0][0], LABELLED[10][0])):
+        ids = tok(text, add_special_tokens=False)["input_ids"][:NEW_TOKENS - 1]
+        suite._answers[prompt] = ids + [suite.eos_id] * (NEW_TOKENS - len(ids))
+    batch = suite.encode(examples)
+    prompt_width = batch.input_ids.shape[1] - (TARGET_TOKENS - 1)
+
+    def undefended(b):
+        """Logits that spell each row's base answer (the stand-in for the undefended model)."""
+        step = b.input_ids.shape[1] - prompt_width
+        logits = torch.zeros(len(b), 1, len(tok))
+        logits[torch.arange(len(b)), 0, batch.targets["base"][:, step]] = 1.0
+        return logits
+
+    known = suite.known_base_scores(batch)
+    assert known.tolist() == [J.BASE_LIKE, J.REFUSAL, J.DEGENERATE]
+    assert torch.equal(known, suite.score(undefended, batch))
+
+    def no_generation(*args):
+        raise AssertionError("the base answers are generated once, when the batch is encoded")
+
+    monkeypatch.setattr(suite, "score", no_generation)
+    assert torch.equal(behavior_scores(model, suite, batch, None), known)

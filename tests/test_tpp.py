@@ -124,7 +124,12 @@ def test_behavior_is_the_target_probe_margin_over_real_tokens(tpp, tpp_model):
     assert torch.allclose(tpp.behavior(moved, batch), b)
     with pytest.raises(BenchmarkError, match="reads the residual"):
         tpp.behavior(torch.zeros(6, 1, 17), batch)
-    assert torch.equal(mean_pool(h, batch.token_mask), tpp.pooled(lambda p: h, batch))
+    rows = {i: r for r, i in enumerate(batch.ids)}
+
+    def stored(part):  # the residual h of each row of ``part``, cut to the part's columns
+        return h[[rows[i] for i in part.ids]][:, -part.input_ids.shape[1]:]
+
+    assert torch.equal(mean_pool(h, batch.token_mask), tpp.pooled(stored, batch))
 
 
 def test_tpp_effects_match_a_hand_computation():

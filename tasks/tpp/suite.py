@@ -163,8 +163,9 @@ class TPPSuite(TaskSuite):
 
     @torch.no_grad()
     def pooled(self, forward: Forward, batch: PromptBatch) -> Tensor:
-        """[n, d]: mean-pooled residual of every example of ``batch`` from ``forward`` (which reads the residual)."""
-        return torch.cat([mean_pool(forward(part), part.token_mask) for part in batch.chunks(CHUNK)])
+        """[n, d]: mean-pooled residual of every example of ``batch`` from ``forward`` (which reads the residual);
+        run in chunks of similar length, returned in the batch's order."""
+        return batch.map_length_chunks(CHUNK, lambda part: mean_pool(forward(part), part.token_mask))
 
     @property
     def _target_index(self) -> int:
@@ -175,8 +176,10 @@ class TPPSuite(TaskSuite):
         return self.probes.weight[self._target_index]
 
     def class_contrast(self) -> tuple[PromptBatch, Tensor]:
-        """The ``fit`` split of every class, and which of its examples [n] bool are of the target class."""
+        """The ``fit`` split of every class, shortest text first (chunks of it carry little padding), and which of
+        its examples [n] bool are of the target class."""
         batch = self.encode(self.class_examples("fit"))
+        batch = batch.select(batch.length_order())
         return batch, batch.targets["label"] == self._target_index
 
     def behavior(self, read: Tensor, batch: PromptBatch) -> Tensor:

@@ -183,7 +183,7 @@ class WMDPBioSuite(TaskSuite):
             for k in range(self.orders):
                 batch = self.encode([rotated(ex, k) for ex in examples])
                 with torch.no_grad():
-                    b = torch.cat([self.behavior(run_edited(model, part, {}), part) for part in batch.chunks(64)])
+                    b = batch.map_length_chunks(64, lambda part: self.behavior(run_edited(model, part, {}), part))
                 correct &= b > 0
             kept[split] = {ex["id"] for ex, ok in zip(examples, correct.tolist()) if ok}
         self._kept = kept
