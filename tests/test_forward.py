@@ -103,6 +103,18 @@ def test_add_aligns_columns_from_the_left():
     assert torch.equal(wider[:, :3], t) and wider[:, 3:].abs().sum() == 0
 
 
+def test_length_chunks_trim_padding_and_map_back_to_row_order():
+    lengths = [5, 2, 7, 2, 4]
+    width = max(lengths)
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    batch = PromptBatch([str(i) for i in range(5)], torch.arange(5)[:, None].expand(5, width) * mask, mask, {})
+    parts = list(batch.length_chunks(2))
+    assert [p.ids for p in parts] == [["1", "3"], ["4", "0"], ["2"]], "shortest first, ties in row order"
+    assert [p.input_ids.shape[1] for p in parts] == [2, 5, 7], "columns of padding for every row are dropped"
+    widths = batch.map_length_chunks(2, lambda p: torch.tensor([[int(i), p.input_ids.shape[1]] for i in p.ids]))
+    assert widths.tolist() == [[0, 5], [1, 2], [2, 7], [3, 2], [4, 5]], "rows come back in the batch's order"
+
+
 def _answer_batch():
     ids = torch.tensor([[0, 5, 6, 7, 8, 9], [4, 5, 6, 7, 8, 9]])
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
