@@ -42,7 +42,8 @@ changes the prompt).
 Every mode edits only the prompt (:attr:`PromptBatch.prompt_mask`), never a teacher-forced answer. A suite judged
 by more than one forward pass (``TaskSuite.confirms``: generation) stops on its differentiable :meth:`behavior`;
 each example is then re-judged with :meth:`TaskSuite.score` under its final ``delta``, and that judgement is its
-``b_attacked`` (an example the judge does not confirm is not recovered).
+``b_attacked``, which decides: an example the judge does not confirm is not recovered, and one the judge finds
+recovered although its margin never rose above 0 is recovered at the budget of its final ``delta``.
 """
 
 from __future__ import annotations
@@ -536,12 +537,12 @@ class RecoveryAttack:
             at_level[leave], recent[leave] = 0, math.nan
             bar.set_postfix(eps=float(eps.max()), active=int(active.sum()))
         outcomes = [done[i] for i in sorted(done)]
-        if self.task.confirms:
+        if self.task.confirms:  # the judge decides (recovered = b_attacked > 0), whatever the margin said
             judged = self.confirm(chunk, delta)
             for o in outcomes:
                 o.b_attacked = float(judged[o.index])
-                if o.recovered and not judged[o.index] > 0:
-                    o.recovered, o.recovery_budget = False, None
+                o.recovered = o.b_attacked > 0
+                o.recovery_budget = float(last_eps[o.index]) if o.recovered else None
         return outcomes
 
 

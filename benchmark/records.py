@@ -59,6 +59,10 @@ def validate_record(record: dict) -> None:
         err = errors[0]
         path = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         raise BenchmarkError(f"run record invalid at {path}: {err.message}")
+    for i, row in enumerate(record["examples"]):  # DESIGN.md's definitions, which the schema cannot state
+        if row["valid_flip"] and row["recovered"] != (row["b_attacked"] is not None and row["b_attacked"] > 0):
+            raise BenchmarkError(f"run record invalid at examples.{i} ({row['id']}): recovered must be "
+                                 f"b_attacked > 0, got recovered={row['recovered']}, b_attacked={row['b_attacked']}")
 
 
 def load_record(path: Path) -> dict:

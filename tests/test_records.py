@@ -46,6 +46,14 @@ def test_unknown_key_and_nan_are_rejected(tiny_run):
         validate_record(bad)
 
 
+def test_recovered_must_agree_with_the_attacked_score(tiny_run):
+    bad = copy.deepcopy(tiny_run[0])
+    i, row = next((i, r) for i, r in enumerate(bad["examples"]) if r["valid_flip"] and r["recovered"])
+    row["b_attacked"] = -abs(row["b_attacked"])
+    with pytest.raises(BenchmarkError, match=f"examples.{i} .*recovered must be b_attacked > 0"):
+        validate_record(bad)
+
+
 def test_atomic_write_keeps_old_file_when_serialization_fails(tmp_path):
     target = tmp_path / "r.json"
     write_json_atomic(target, {"a": 1})

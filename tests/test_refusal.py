@@ -267,6 +267,22 @@ def test_attack_outcomes_are_judged_by_generation(model, suite, steering):
         assert o.c1_change < 1e-3
 
 
+@pytest.mark.parametrize("margin,budget", [(-1.0, 0.5), (1.0, 0.0)])
+def test_the_judge_decides_recovery_whatever_the_margin(model, suite, steering, monkeypatch, margin, budget):
+    """Margin never above 0 (every budget exhausted) or above 0 from the start: either way an example is recovered
+    exactly when its judged answer is, at the budget of its final delta."""
+    from benchmark.attack import AttackConfig, RecoveryAttack
+
+    monkeypatch.setattr(suite, "behavior", lambda read, batch: read.sum((1, 2)) * 0 + margin)
+    attack = RecoveryAttack(model, steering, suite, AttackConfig(mode="encoder", eps=(0.2, 0.5), steps=2))
+    judged = torch.tensor([J.BASE_LIKE, J.REFUSAL, J.ANSWER])
+    monkeypatch.setattr(attack, "confirm", lambda chunk, delta: judged)
+    out = attack.run(suite.encode(suite.examples("test")[:3]), progress=False)
+    assert [o.b_attacked for o in out] == judged.tolist()
+    assert [o.recovered for o in out] == [True, False, True]
+    assert [o.recovery_budget for o in out] == [budget, None, budget]
+
+
 def test_evaluate_writes_a_valid_record(model, tiny, tmp_path):
     from benchmark.attack import AttackConfig
     from benchmark.engine import evaluate
