@@ -62,8 +62,7 @@ class DirectionalAblation(Defense):
     def fit(self, ctx: FitContext) -> None:
         layer = self.layer if self.layer is not None else ctx.default_layer()
         ctx.model.check_layer(layer)
-        fit = ctx.fit_batch()
-        fit = fit.select(fit.length_order())  # chunks of similar length: little padding
+        fit = ctx.fit_batch().by_length()
         sums, counts = self._residuals(ctx, fit, layer)
         if self.contrast == "control":
             pos = self._mean(sums, counts)

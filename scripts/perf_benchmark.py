@@ -213,18 +213,18 @@ def default_battery_seconds(model_name: str = DEFAULT_MODEL) -> dict:
             per_suite[task] = rec["provenance"]["wall_seconds"]
             commits.add(rec["provenance"]["git_commit"][:10])
             threads.add(rec["provenance"]["cpu_threads"])
-    return {"seconds": sum(per_suite.values()), "suites": list(per_suite), "per_suite": per_suite,
-            "commits": sorted(commits), "threads": sorted(threads)}
+    return {"seconds": sum(per_suite.values()), "per_suite": per_suite, "commits": sorted(commits),
+            "threads": sorted(threads)}
 
 
 BATTERY_HEADER = "## Default battery"
 
 
 def battery_keys(battery: dict) -> dict:
-    return {"default_battery_seconds": battery["seconds"] if battery["suites"] else None,
-            "default_battery_suites": battery["suites"], "default_battery_suite_seconds": battery["per_suite"],
-            "default_battery_record_commits": battery["commits"],
-            "default_battery_threads": battery["threads"]}
+    return {"default_battery_seconds": battery["seconds"] if battery["per_suite"] else None,
+            "default_battery_suites": list(battery["per_suite"]),
+            "default_battery_suite_seconds": battery["per_suite"],
+            "default_battery_record_commits": battery["commits"], "default_battery_threads": battery["threads"]}
 
 
 def battery_section(battery: dict) -> list[str]:

@@ -82,14 +82,18 @@ class PromptBatch:
         order carry little padding."""
         return sorted(range(len(self)), key=lambda i: int(self.attention_mask[i].sum()))
 
+    def by_length(self) -> "PromptBatch":
+        """This batch's rows in :meth:`length_order` (its chunks carry little padding)."""
+        return self.select(self.length_order())
+
     def length_chunks(self, size: int):
-        """Chunks of at most ``size`` rows taken in :meth:`length_order` (for passes whose results are summed)."""
-        return self.select(self.length_order()).chunks(size)
+        """Chunks of at most ``size`` rows of :meth:`by_length` (for passes whose results are summed)."""
+        return self.by_length().chunks(size)
 
     def map_length_chunks(self, size: int, fn: Callable[["PromptBatch"], Tensor]) -> Tensor:
         """``fn``'s rows [b_chunk, ...] over :meth:`length_chunks`, concatenated back in this batch's row order."""
         order = self.length_order()
-        out = torch.cat([fn(part) for part in self.length_chunks(size)])
+        out = torch.cat([fn(part) for part in self.select(order).chunks(size)])
         return out[torch.argsort(torch.tensor(order))]
 
 

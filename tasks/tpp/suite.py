@@ -178,8 +178,7 @@ class TPPSuite(TaskSuite):
     def class_contrast(self) -> tuple[PromptBatch, Tensor]:
         """The ``fit`` split of every class, shortest text first (chunks of it carry little padding), and which of
         its examples [n] bool are of the target class."""
-        batch = self.encode(self.class_examples("fit"))
-        batch = batch.select(batch.length_order())
+        batch = self.encode(self.class_examples("fit")).by_length()
         return batch, batch.targets["label"] == self._target_index
 
     def behavior(self, read: Tensor, batch: PromptBatch) -> Tensor:
