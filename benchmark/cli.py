@@ -1,4 +1,4 @@
-"""Command line: ``benchmark evaluate | merge | validate | leaderboard | defenses | tasks | train-saes``."""
+"""Command line: ``benchmark evaluate | battery | merge | validate | leaderboard | defenses | tasks | train-saes``."""
 
 from __future__ import annotations
 
@@ -105,6 +105,22 @@ def cmd_evaluate(args) -> int | None:
                       f"{time.time() - t0:.0f} s -> {path} (`benchmark merge` makes the record)", flush=True)
             else:
                 _summary(out, f"{time.time() - t0:.0f} s -> {path}")
+
+
+def cmd_battery(args) -> int | None:
+    from benchmark.battery import PLAN, coverage
+
+    if not args.list:
+        extra = ["--keep-existing", "--records-dir", args.records_dir, *(["--quiet"] if args.quiet else []),
+                 *(["--threads", str(args.threads)] if args.threads else [])]
+        for step in PLAN:
+            code = main(step.argv() + extra)
+            if code:
+                return code
+    have = coverage(Path(args.records_dir))
+    for (defense, suite, mode), path in have.items():
+        print(f"{'recorded' if path else 'missing ':8s}  {defense:24s} {suite:9s} {mode}")
+    print(f"{sum(p is not None for p in have.values())} of {len(have)} planned runs have a record", flush=True)
 
 
 def _summary(record: dict, tail: str) -> None:
@@ -226,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run only shard I of N (attack chunks whose index is I modulo N) and write "
                          "<suite>__<mode>.shard-I-of-N.json beside the record; `benchmark merge` makes the record")
     ev.set_defaults(func=cmd_evaluate)
+
+    ba = sub.add_parser("battery", help="run the full battery's planned runs that have no record yet",
+                        description="The full battery on the default model (benchmark/battery.py): every built-in "
+                                    "defense and the example submission on every suite it fits, with its constrained "
+                                    "attack, `none` and the soft-suffix baseline. Runs each planned `benchmark "
+                                    "evaluate` with --keep-existing, then lists which planned runs have a record.")
+    ba.add_argument("--list", action="store_true", help="only list the planned runs and which have a record")
+    ba.add_argument("--records-dir", default=str(RECORDS_DIR))
+    ba.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ba.add_argument("--quiet", action="store_true", help="no progress bars")
+    ba.set_defaults(func=cmd_battery)
 
     me = sub.add_parser("merge", help="combine the shard files of `evaluate --shard` into run records",
                         description="Combine shard files (<suite>__<mode>.shard-i-of-n.json) into the record a "

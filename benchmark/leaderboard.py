@@ -3,8 +3,9 @@
 Written: ``leaderboard/README.md`` (the tables), ``leaderboard/leaderboard.csv`` (one row per record, every metric),
 ``leaderboard/index.html`` (the tables and plots, inline SVG) and the main table in the top-level ``README.md``,
 between :data:`README_START` and :data:`README_END`. Per model (the default model first): the main table, one
-row per defense with a cell per suite, ranked by mean robust suppression under the constrained attacks; then per
-suite a table of every record (all attack modes, the soft-suffix baseline, path replay).
+row per defense with a cell per suite, ranked by mean robust suppression under the constrained attacks; for the
+default model, which runs of the full battery's plan (:mod:`benchmark.battery`) have a record; then per suite a
+table of every record (all attack modes, the soft-suffix baseline, path replay).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from benchmark.battery import planned_runs
 from benchmark.errors import BenchmarkError
 from benchmark.models import DEFAULT_MODEL
 from benchmark.records import RECORDS_DIR, REPO_ROOT, load_record, record_files, schema, write_text_atomic
@@ -191,6 +193,31 @@ def suite_rows(standing: list[Standing], suite: str, base: Path) -> list[list[st
     return rows
 
 
+COVERAGE_HEADERS = ["defense", *SUITES]
+
+
+def coverage(standing: list[Standing]) -> tuple[str, list[list[str]]]:
+    """The default model's battery coverage: a sentence, and per planned defense (plan order) a cell per suite
+    with the planned attack modes that have a record and those that do not (:mod:`benchmark.battery`)."""
+    recorded = {(s.defense, r["task"]["name"], r["attack"]["mode"]) for s in standing for _, r in s.entries}
+    plan = planned_runs()
+    modes: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for defense, suite, mode in plan:
+        modes[defense][suite].append(mode)
+
+    def cell(defense: str, suite: str) -> str:
+        have = [m for m in modes[defense][suite] if (defense, suite, m) in recorded]
+        lack = [m for m in modes[defense][suite] if (defense, suite, m) not in recorded]
+        if not have and not lack:
+            return "not planned"
+        return " · ".join([*have, *(f"**missing** {m}" for m in lack)])
+
+    done = sum(run in recorded for run in plan)
+    note = (f"{done} of {len(plan)} planned runs of the full battery have a record (the plan: "
+            "`benchmark/battery.py`; `benchmark battery` runs the rest and keeps what exists).")
+    return note, [[d, *(cell(d, s) for s in SUITES)] for d in modes]
+
+
 def _suite_metrics(r: dict) -> str:
     """The record's ``task_metrics`` (the suite's own metrics), ``name value`` each, or ``–``."""
     return "<br>".join(f"{k} {_num(v)}" for k, v in sorted((r.get("task_metrics") or {}).items())) or "–"
@@ -211,6 +238,9 @@ def render_markdown(models: list[tuple[str, list[Standing]]], base: Path) -> str
     for model, standing in models:
         lines += [f"## {model}" + (" (default model)" if model == DEFAULT_MODEL else ""), "", "### Ranking", "",
                   MAIN_LEGEND, "", _md_table(MAIN_HEADERS, main_rows(standing, base)), ""]
+        if model == DEFAULT_MODEL:
+            note, rows = coverage(standing)
+            lines += ["### Battery coverage", "", note, "", _md_table(COVERAGE_HEADERS, rows), ""]
         for suite in SUITES:
             rows = suite_rows(standing, suite, base)
             lines += [f"### {suite}: every attack mode", ""]
@@ -227,7 +257,8 @@ def readme_section(models: list[tuple[str, list[Standing]]], readme: Path) -> st
              f"constrained attacks (ties: median recovery budget). Every table, every attack mode, a CSV and plots: "
              f"[the leaderboard]({leaderboard}).", ""]
     if standing:
-        lines += [MAIN_LEGEND, "", _md_table(MAIN_HEADERS, main_rows(standing, readme.parent)), ""]
+        lines += [MAIN_LEGEND, "", _md_table(MAIN_HEADERS, main_rows(standing, readme.parent)), "",
+                  coverage(standing)[0], ""]
     else:
         lines += ["No records for the default model yet.", ""]
     return "\n".join([*lines, README_END])
@@ -339,6 +370,9 @@ def render_html(models: list[tuple[str, list[Standing]]], base: Path) -> str:
         parts += [f"<h2>{escape(model)}{' (default model)' if model == DEFAULT_MODEL else ''}</h2>", "<h3>Ranking</h3>",
                   f"<p>{_inline_md(MAIN_LEGEND)}</p>", _html_table(MAIN_HEADERS, main_rows(standing, base)),
                   "<h3>Plots</h3>", '<div class="plots">', *plots(standing), "</div>"]
+        if model == DEFAULT_MODEL:
+            note, rows = coverage(standing)
+            parts += ["<h3>Battery coverage</h3>", f"<p>{_inline_md(note)}</p>", _html_table(COVERAGE_HEADERS, rows)]
         for suite in SUITES:
             rows = suite_rows(standing, suite, base)
             parts.append(f"<h3>{escape(suite)}: every attack mode</h3>")

@@ -73,3 +73,16 @@ def site_input(model, defense, batch, layer: int = 2):
     with torch.no_grad():
         run_edited(model, batch, edits)
     return seen[layer]
+
+
+def committed_record_as(defense: str, suite: str, mode: str, robust: float, budget: float | None = 0.01) -> dict:
+    """A committed run record relabelled as ``defense`` on ``suite`` with ``mode``, and the given robust
+    suppression and median recovery budget (for leaderboard and battery tests)."""
+    import json
+
+    from benchmark.records import RECORDS_DIR
+
+    r = json.loads((RECORDS_DIR / "smollm2-135m-instruct" / "sae_clamp" / "ioi__encoder.json").read_text())
+    r["defense"]["name"], r["task"]["name"], r["attack"]["mode"] = defense, suite, mode
+    r["metrics"].update(robust_suppression=robust, recovery_budget_median=budget)
+    return r

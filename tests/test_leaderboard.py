@@ -11,9 +11,9 @@ import pytest
 from benchmark.errors import BenchmarkError
 from benchmark.leaderboard import (LEADERBOARD_DIR, README, README_END, README_START, SUITES, _rank_key, load_records,
                                    render_files, splice_readme, write_leaderboard)
-from benchmark.records import RECORDS_DIR, shard_path
+from benchmark.records import shard_path
+from conftest import committed_record_as as _record
 
-COMMITTED = RECORDS_DIR / "smollm2-135m-instruct" / "sae_clamp" / "ioi__encoder.json"
 
 
 def test_committed_leaderboard_regenerates_byte_for_byte():
@@ -33,13 +33,6 @@ def test_leaderboard_ranks_a_defense_without_flips_last(tiny_run):
     held["metrics"].update(robust_suppression=0.0, recovery_budget_median=None)
     keys = [_rank_key([r]) for r in (held, broken, nothing)]
     assert keys == sorted(keys), "never recovered < recovered at a small budget < nothing suppressed"
-
-
-def _record(defense: str, suite: str, mode: str, robust: float, budget: float | None = 0.01) -> dict:
-    r = json.loads(COMMITTED.read_text())
-    r["defense"]["name"], r["task"]["name"], r["attack"]["mode"] = defense, suite, mode
-    r["metrics"].update(robust_suppression=robust, recovery_budget_median=budget)
-    return r
 
 
 @pytest.fixture
