@@ -18,6 +18,9 @@ thread count). Everything runs on the default model with the reference ``sae_cla
 - **scaling**: steps per second and peak resident memory of the attack steps (each configuration in a fresh
   process, the peak mark reset after the model is loaded) against batch size, prompt length and number of
   defended sites, and attack wall time against number of examples.
+- **allocator**: attack steps per second at batch 64 with prompts of refusal's length, glibc's allocator at its
+  defaults against the freed memory kept (:func:`benchmark.cli.keep_freed_memory`, what ``benchmark`` does),
+  each in a fresh process, alternating, median over rounds.
 - **default battery**: the summed ``wall_seconds`` of the committed records of the default command
   (``benchmark evaluate --defense reference``: every suite with its reference defense, encoder attack) at the
   commits they name.
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmark.attack import AttackConfig, RecoveryAttack  # noqa: E402
+from benchmark.cli import GLIBC_DEFAULTS_ENV, keep_freed_memory  # noqa: E402
 from benchmark.engine import behavior_scores  # noqa: E402
 from benchmark.models import DEFAULT_MODEL, load_model  # noqa: E402
 from benchmark.records import RECORDS_DIR, git_state, write_text_atomic  # noqa: E402
@@ -177,19 +181,56 @@ def rss_mib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field} (this measurement needs Linux)")
 
 
+def in_fresh_process(spec: dict, env: dict | None = None) -> dict:
+    """:func:`one_config` of ``spec`` in a fresh process (with ``env`` added to its environment)."""
+    out = subprocess.run([sys.executable, __file__, "--one-config", json.dumps(spec)], capture_output=True,
+                         text=True, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {row}", file=sys.stderr, flush=True)
+    return row
+
+
 def scaling(threads: int, steps: int, quick: bool) -> list[dict]:
     configs = [{"family": "batch", "batch": b} for b in ((1, 8, 32) if quick else (1, 8, 32, 64))]
     configs += [{"family": "prompt length", "batch": 8, "filler": f} for f in ((0, 64) if quick else (0, 32, 96, 224))]
     configs += [{"family": "defended sites", "batch": 8, "defense": "multi_layer_clamp", "params": {"layers": layers}}
                 for layers in ([12, 16], [8, 12, 16])]
-    rows = []
-    for spec in configs:
-        spec = {**spec, "threads": threads, "steps": steps}
-        out = subprocess.run([sys.executable, __file__, "--one-config", json.dumps(spec)], capture_output=True,
-                             text=True, check=True, cwd=ROOT)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
-    return rows
+    return [in_fresh_process({**spec, "threads": threads, "steps": steps}) for spec in configs]
+
+
+ALLOCATOR_HEADER = "## Allocator"
+
+
+def allocator(threads: int, steps: int, rounds: int) -> dict:
+    """Attack steps per second with glibc's allocator defaults and with the freed memory kept, alternating."""
+    spec = {"family": "allocator", "batch": 64, "filler": 32, "threads": threads, "steps": steps}
+    runs = {"glibc defaults": [], "freed memory kept": []}
+    for _ in range(rounds):
+        runs["glibc defaults"].append(in_fresh_process(spec, {GLIBC_DEFAULTS_ENV: "1"})["steps_per_s"])
+        runs["freed memory kept"].append(in_fresh_process(spec)["steps_per_s"])
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    return {"batch": spec["batch"], "filler_tokens": spec["filler"], "rounds": rounds,
+            **{f"steps_per_s ({k})": v for k, v in medians.items()},
+            "speedup": medians["freed memory kept"] / medians["glibc defaults"]}
+
+
+def allocator_section(ab: dict) -> list[str]:
+    return [ALLOCATOR_HEADER, "", "Attack steps per second, each measurement in a fresh process, median over "
+            "rounds: glibc's allocator at its defaults against the freed memory kept (what `benchmark` does).", "",
+            table([ab], list(ab)), ""]
+
+
+def update_allocator(out: Path, threads: int, steps: int, rounds: int) -> None:
+    """Measure the allocator comparison and put it into ``out``/perf.json and perf.md; the other figures stay."""
+    ab = allocator(threads, steps, rounds)
+    headline = {**json.loads((out / "perf.json").read_text()), "allocator_speedup": ab["speedup"]}
+    md = (out / "perf.md").read_text()
+    start = md.find(ALLOCATOR_HEADER)
+    cut = md.index(BATTERY_HEADER)
+    md = md[:start if start >= 0 else cut] + "\n".join(allocator_section(ab)) + md[cut:]
+    write_text_atomic(out / "perf.md", md)
+    write_text_atomic(out / "perf.json", json.dumps(headline, indent=2) + "\n")
+    print(json.dumps(ab, indent=2))
 
 
 def examples_scaling(model, task, defense, flips, sizes) -> list[dict]:
@@ -261,25 +302,33 @@ def main() -> None:
     ap.add_argument("--battery-only", action="store_true",
                     help="only re-read the default battery's wall time from the committed records into perf.json and "
                          "perf.md (after the reference records are run again); the other figures stay")
+    ap.add_argument("--allocator-only", action="store_true",
+                    help="only measure the allocator comparison into perf.json and perf.md; the other figures stay")
     ap.add_argument("--out", type=Path, default=ROOT / "leaderboard")
     args = ap.parse_args()
+    keep_freed_memory()  # as `benchmark` does (unless BENCHMARK_GLIBC_MALLOC_DEFAULTS=1)
     if args.one_config:
         print(json.dumps(one_config(json.loads(args.one_config))))
         return
     if args.battery_only:
         update_battery(args.out)
         return
+    steps, rounds = (3, 2) if args.quick else (5, 3)
+    if args.allocator_only:
+        update_allocator(args.out, args.threads, steps, rounds)
+        return
     torch.set_num_threads(args.threads)
     commit, dirty = git_state()
     t_start, load_start = time.time(), os.getloadavg()[0]
     model, task, defense, flips = setup()
-    steps, rounds = (3, 2) if args.quick else (5, 3)
     print("step ratio ...", file=sys.stderr, flush=True)
     ratio = step_ratio(model, task, defense, flips, 64, steps, rounds)
     print(f"  {ratio}\nper-example speedup ...", file=sys.stderr, flush=True)
     speed = per_example_speedup(model, task, defense, flips, 32 if args.quick else 64, steps)
     print(f"  {speed}\nscaling ...", file=sys.stderr, flush=True)
     scale = scaling(args.threads, steps, args.quick)
+    print("allocator ...", file=sys.stderr, flush=True)
+    ab = allocator(args.threads, steps, rounds)
     print("examples ...", file=sys.stderr, flush=True)
     by_examples = examples_scaling(model, task, defense, flips, (16, 32) if args.quick else (16, 32, 64, 128))
     battery = default_battery_seconds()
@@ -287,6 +336,7 @@ def main() -> None:
         "step_ratio_vs_raw": ratio["ratio_same_blocks"],
         "step_ratio_vs_raw_full_network": ratio["ratio_full"],
         "speedup_vs_per_example": speed["speedup"],
+        "allocator_speedup": ab["speedup"],
         **battery_keys(battery),
         "cpu_threads": args.threads,
         "device": "cpu",
@@ -309,6 +359,7 @@ def main() -> None:
                       "attack_peak_over_rest_mib"]), "",
         "## Attack wall time against number of examples", "",
         table(by_examples, ["examples", "attack_seconds"]), "",
+        *allocator_section(ab),
         *battery_section(battery),
     ]
     args.out.mkdir(parents=True, exist_ok=True)

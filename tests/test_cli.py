@@ -1,8 +1,10 @@
 """Bad input exits non-zero with one clear line naming the problem."""
 
+import platform
+
 import pytest
 
-from benchmark.cli import main
+from benchmark.cli import GLIBC_DEFAULTS_ENV, keep_freed_memory, main
 
 
 def _run(capsys, *argv):
@@ -114,3 +116,12 @@ def test_every_suite_names_a_registered_reference_defense():
 
     for name, cls in TASKS.items():
         assert cls.reference_defense in DEFENSES.names(), f"suite {name}: unknown reference defense"
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_glibc_keeps_freed_memory_unless_its_defaults_are_asked_for(monkeypatch):
+    """glibc accepts every setting (mallopt returns 1 for each); with the opt-out nothing is set."""
+    monkeypatch.setenv(GLIBC_DEFAULTS_ENV, "1")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv(GLIBC_DEFAULTS_ENV)
+    assert keep_freed_memory() is True
