@@ -239,6 +239,7 @@ class RecoveryAttack:
         self.model, self.defense, self.task, self.cfg = model, defense, task, cfg
         self.basis = None  # [d, c] orthonormal C1 directions at the attacked site
         self.layer: int | None = None
+        self.updates = 0  # updates of delta made so far, one per example and step (the progress bar shows them)
         if cfg.mode == "soft_suffix":
             self.suffix_id, self.suffix_text = suffix_token(model.tokenizer)
             self.embed = input_embeddings(model).detach()
@@ -519,6 +520,7 @@ class RecoveryAttack:
             eps_rows = eps_all[level[rows]]  # [rows] float64: what the record keeps
             eps = eps_rows[:, None].float()  # [rows, 1]
             steps_used[rows] += 1
+            self.updates += len(rows)
             hn = chunk.ref_norm[rows]
             if self.cfg.optimizer == "adam":
                 direction = adam.direction(rows, cols, g) / math.sqrt(self.model.d_model)
@@ -535,7 +537,7 @@ class RecoveryAttack:
             exhausted[leave[level[leave] == len(self.cfg.eps) - 1]] = True
             level[leave] = (level[leave] + 1).clamp(max=len(self.cfg.eps) - 1)
             at_level[leave], recent[leave] = 0, math.nan
-            bar.set_postfix(eps=float(eps.max()), active=int(active.sum()))
+            bar.set_postfix(eps=float(eps.max()), active=int(active.sum()), updates=self.updates)
         outcomes = [done[i] for i in sorted(done)]
         if self.task.confirms:  # the judge decides (recovered = b_attacked > 0), whatever the margin said
             judged = self.confirm(chunk, delta)
