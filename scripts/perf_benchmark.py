@@ -209,7 +209,8 @@ def allocator(threads: int, steps: int, rounds: int) -> dict:
         runs["glibc defaults"].append(in_fresh_process(spec, {GLIBC_DEFAULTS_ENV: "1"})["steps_per_s"])
         runs["freed memory kept"].append(in_fresh_process(spec)["steps_per_s"])
     medians = {k: statistics.median(v) for k, v in runs.items()}
-    return {"batch": spec["batch"], "filler_tokens": spec["filler"], "rounds": rounds,
+    return {"commit": git_state()[0][:10], "threads": threads, "batch": spec["batch"], "filler_tokens": spec["filler"],
+            "rounds": rounds,
             **{f"steps_per_s ({k})": v for k, v in medians.items()},
             "speedup": medians["freed memory kept"] / medians["glibc defaults"]}
 
