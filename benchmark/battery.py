@@ -24,17 +24,22 @@ GENERIC = ("sae_clamp", "error_projection_clamp", "sae_reconstruct_clamp", "dire
            "submissions/decoder_span_ablation")
 #: the multi-site clamp's default layers are 8, 12 and 16; TPP reads the residual after block 12, so there 8 and 12
 MULTI_TPP = ("layers=[8,12]",)
+#: the jacobian attack's cross-site basis grows with batch x prompt length: on TPP's long abstracts a chunk of 64
+#: took more than 22 GB (killed on a 24 GB machine), so it runs in chunks of 16
+JACOBIAN_TPP = ("--batch-size", "16")
 
 
 @dataclass(frozen=True)
 class Step:
     """One ``benchmark evaluate`` of the plan: ``defense`` (a registered name, a submission folder relative to the
-    repository root, or ``reference``: each suite's own) on ``suites`` with ``modes``, and ``-D`` ``params``."""
+    repository root, or ``reference``: each suite's own) on ``suites`` with ``modes``, ``-D`` ``params`` and
+    other evaluate ``options``."""
 
     defense: str
     suites: tuple[str, ...]
     modes: tuple[str, ...]
     params: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
         """The step's ``benchmark`` arguments (a submission folder as a path from the working directory)."""
@@ -44,7 +49,7 @@ class Step:
         out = ["evaluate", "--defense", defense, "--tasks", ",".join(self.suites), "--attack", ",".join(self.modes)]
         for p in self.params:
             out += ["-D", p]
-        return out
+        return out + list(self.options)
 
     @cached_property
     def runs(self) -> tuple[tuple[str, str, str], ...]:
@@ -69,7 +74,7 @@ PLAN: tuple[Step, ...] = (
     # constrained attacks first, so the main table fills before the comparison modes
     *(Step(d, SUITES, ("encoder",)) for d in GENERIC),
     Step("multi_layer_clamp", ("wmdp_bio", "ioi", "refusal"), ("jacobian",)),
-    Step("multi_layer_clamp", ("tpp",), ("jacobian",), MULTI_TPP),
+    Step("multi_layer_clamp", ("tpp",), ("jacobian",), MULTI_TPP, JACOBIAN_TPP),
     *(Step(d, SUITES, BASELINES) for d in GENERIC),
     Step("multi_layer_clamp", ("wmdp_bio", "ioi", "refusal"), ("encoder", *BASELINES)),
     Step("multi_layer_clamp", ("tpp",), ("encoder", *BASELINES), MULTI_TPP),
