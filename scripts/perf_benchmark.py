@@ -21,6 +21,9 @@ thread count). Everything runs on the default model with the reference ``sae_cla
 - **allocator**: attack steps per second at batch 64 with prompts of refusal's length, glibc's allocator at its
   defaults against the freed memory kept (:func:`benchmark.cli.keep_freed_memory`, what ``benchmark`` does),
   each in a fresh process, alternating, median over rounds.
+- **ceiling**: one attack step's FLOPs per second against a large float32 matrix product at the same thread
+  count (the practical ceiling of the dense layers); and the same steps in one single-thread process per core,
+  side by side, against one process using every thread (would parallel suites beat torch's threads?).
 - **default battery**: the summed ``wall_seconds`` of the committed records of the default command
   (``benchmark evaluate --defense reference``: every suite with its reference defense, encoder attack) at the
   commits they name.
@@ -77,17 +80,51 @@ def with_filler(batch: PromptBatch, tokenizer, tokens: int) -> PromptBatch:
                        torch.cat([torch.ones_like(pre), batch.attention_mask], 1), batch.targets, batch.read_len)
 
 
-def attack_step_seconds(model, task, defense, batch, steps: int) -> float:
-    """Seconds per attacker step on ``batch``: no example recovers and none leaves early (no patience), so each of
-    the ``steps`` updates runs on all of them; the final judging forward counts against the attacker."""
+def _attack_steps(model, task, defense, batch, steps: int):
+    """A callable running ``steps`` attacker steps on ``batch``: no example recovers and none leaves early (no
+    patience), so each update runs on all of them; the final judging forward counts against the attacker. The
+    chunk is prepared here, apart: that is done once per chunk, not per step."""
     cfg = AttackConfig(eps=NEVER, steps=steps, batch_size=len(batch), patience=None)
     attack = RecoveryAttack(model, defense, task, cfg)
-    chunk = attack.prepare(batch)  # timed apart: done once per chunk, not per step
+    chunk = attack.prepare(batch)
+
+    def run() -> None:
+        outcomes = attack.run_chunk(chunk)
+        assert all(o.steps_used == steps and not o.recovered for o in outcomes), "every example must take every step"
+
+    return run
+
+
+def attack_step_seconds(model, task, defense, batch, steps: int) -> float:
+    """Seconds per attacker step on ``batch`` (see :func:`_attack_steps`)."""
+    run = _attack_steps(model, task, defense, batch, steps)
     t0 = time.perf_counter()
-    outcomes = attack.run_chunk(chunk)
-    seconds = time.perf_counter() - t0
-    assert all(o.steps_used == steps and not o.recovered for o in outcomes), "every example must take every step"
-    return seconds / steps
+    run()
+    return (time.perf_counter() - t0) / steps
+
+
+def attack_step_flops(model, task, defense, batch, steps: int) -> float:
+    """Matrix-multiply and attention FLOPs per attacker step on ``batch``, forward and backward, as torch's
+    ``FlopCounterMode`` counts them (elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    run = _attack_steps(model, task, defense, batch, steps)
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops() / steps
+
+
+def matmul_gflops(size: int = 2048, rounds: int = 5) -> float:
+    """GFLOP/s of a square float32 matrix product of ``size``, median over ``rounds``: what this CPU's BLAS
+    reaches at the current thread count, the practical ceiling of the model's dense layers."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times) / 1e9
 
 
 def plain_step_seconds(model, task, batch, layer: int, steps: int, reuse_prefix: bool) -> float:
@@ -154,18 +191,28 @@ def per_example_speedup(model, task, defense, flips, n: int, probe_steps: int) -
 
 
 def one_config(spec: dict) -> dict:
-    """Steps per second and peak memory of one configuration (run in a fresh process by :func:`scaling`)."""
+    """Steps per second and peak memory of one configuration (run in a fresh process by :func:`in_fresh_processes`);
+    with ``flops``, also the FLOPs per step and this CPU's matrix-product rate (:func:`matmul_gflops`)."""
     torch.set_num_threads(spec["threads"])
     model, task, defense, flips = setup(spec.get("defense", "sae_clamp"), spec.get("params"),
                                         n_test=4 * spec["batch"] + 16)
     filled = with_filler(flips, model.tokenizer, spec.get("filler", 0))  # still flips with the filler?
     still = (behavior_scores(model, task, filled, None) > 0) & (behavior_scores(model, task, filled, defense) <= 0)
     batch = filled.select(still.nonzero()[:spec["batch"], 0])
+    if spec.get("barrier"):  # processes run side by side: time them together, not each set-up
+        print(READY, flush=True)
+        sys.stdin.readline()
     base = rss_mib("VmRSS")
     reset_peak_rss()  # loading the model peaks far above an attack step: measure the attack's own peak
     sec = attack_step_seconds(model, task, defense, batch, spec["steps"])
-    return {**spec, "batch": len(batch), "tokens": int(batch.input_ids.shape[1]), "steps_per_s": 1 / sec,
-            "peak_rss_mib": rss_mib("VmHWM"), "attack_peak_over_rest_mib": rss_mib("VmHWM") - base}
+    row = {**spec, "batch": len(batch), "tokens": int(batch.input_ids.shape[1]), "steps_per_s": 1 / sec,
+           "peak_rss_mib": rss_mib("VmHWM"), "attack_peak_over_rest_mib": rss_mib("VmHWM") - base}
+    if spec.get("flops"):
+        flops = attack_step_flops(model, task, defense, batch, spec["steps"])
+        row.update(step_s=sec, gflop_per_step=flops / 1e9, step_gflops=flops / sec / 1e9,
+                   matmul_gflops=matmul_gflops())
+        row["share_of_matmul_rate"] = row["step_gflops"] / row["matmul_gflops"]
+    return row
 
 
 def reset_peak_rss() -> None:
@@ -181,13 +228,41 @@ def rss_mib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field} (this measurement needs Linux)")
 
 
+READY = "ready"
+
+
+def in_fresh_processes(specs: list[dict], env: dict | None = None) -> list[dict]:
+    """:func:`one_config` of each of ``specs``, each in a fresh process (with ``env`` added to its environment);
+    several run side by side, their timed steps started together once every one is set up."""
+    import tempfile
+
+    together = len(specs) > 1
+    procs = []
+    for spec in specs:
+        log = tempfile.TemporaryFile("w+")
+        cmd = [sys.executable, __file__, "--one-config", json.dumps({**spec, "barrier": together})]
+        procs.append((subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                       cwd=ROOT, env={**os.environ, **(env or {})}), log))
+    if together:
+        for proc, _ in procs:
+            while (line := proc.stdout.readline()) and line.strip() != READY:
+                pass
+        for proc, _ in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+    rows = []
+    for proc, log in procs:
+        out, _ = proc.communicate()
+        if proc.returncode:
+            log.seek(0)
+            raise RuntimeError(f"a measuring process failed ({proc.returncode}):\n{log.read()[-3000:]}")
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
 def in_fresh_process(spec: dict, env: dict | None = None) -> dict:
-    """:func:`one_config` of ``spec`` in a fresh process (with ``env`` added to its environment)."""
-    out = subprocess.run([sys.executable, __file__, "--one-config", json.dumps(spec)], capture_output=True,
-                         text=True, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {row}", file=sys.stderr, flush=True)
-    return row
+    return in_fresh_processes([spec], env)[0]
 
 
 def scaling(threads: int, steps: int, quick: bool) -> list[dict]:
@@ -224,14 +299,74 @@ def allocator_section(ab: dict) -> list[str]:
 def update_allocator(out: Path, threads: int, steps: int, rounds: int) -> None:
     """Measure the allocator comparison and put it into ``out``/perf.json and perf.md; the other figures stay."""
     ab = allocator(threads, steps, rounds)
-    headline = {**json.loads((out / "perf.json").read_text()), "allocator_speedup": ab["speedup"]}
-    md = (out / "perf.md").read_text()
-    start = md.find(ALLOCATOR_HEADER)
-    cut = md.index(BATTERY_HEADER)
-    md = md[:start if start >= 0 else cut] + "\n".join(allocator_section(ab)) + md[cut:]
-    write_text_atomic(out / "perf.md", md)
-    write_text_atomic(out / "perf.json", json.dumps(headline, indent=2) + "\n")
+    update_section(out, ALLOCATOR_HEADER, allocator_section(ab), {"allocator_speedup": ab["speedup"]})
     print(json.dumps(ab, indent=2))
+
+
+CEILING_HEADER = "## The machine's ceiling"
+
+
+def ceiling(threads: int, steps: int, rounds: int) -> dict:
+    """An attack step (batch 64, prompts of refusal's length) against this CPU's matrix-product rate; and the same
+    steps in ``threads`` processes of one thread each, side by side, against one process with ``threads``
+    threads (alternating, median over ``rounds``), at a full and a nearly drained batch."""
+    base = {"filler": 32, "steps": steps}
+    step = in_fresh_process({**base, "family": "ceiling", "batch": 64, "threads": threads, "flops": True})
+    processes = []
+    for batch in (64, 4):
+        spec = {**base, "family": "processes", "batch": batch}
+        one, side = [], []
+        for _ in range(rounds):
+            one.append(in_fresh_process({**spec, "threads": threads})["steps_per_s"])
+            side.append(sum(r["steps_per_s"] for r in in_fresh_processes([{**spec, "threads": 1}] * threads)))
+        processes.append({"batch": batch, "tokens": step["tokens"], "steps": steps, "rounds": rounds,
+                          f"steps_per_s (1 process x {threads} threads)": statistics.median(one),
+                          f"steps_per_s ({threads} processes x 1 thread, summed)": statistics.median(side),
+                          "gain": statistics.median(side) / statistics.median(one)})
+    keep = ["batch", "tokens", "threads", "steps", "step_s", "gflop_per_step", "step_gflops", "matmul_gflops",
+            "share_of_matmul_rate"]
+    return {"commit": git_state()[0][:10], "step": {k: step[k] for k in keep}, "processes": processes}
+
+
+def ceiling_keys(c: dict) -> dict:
+    return {"attack_step_gflops": c["step"]["step_gflops"], "matmul_gflops": c["step"]["matmul_gflops"],
+            "attack_step_share_of_matmul_rate": c["step"]["share_of_matmul_rate"],
+            "processes_gain": {str(r["batch"]): r["gain"] for r in c["processes"]}}
+
+
+def ceiling_section(c: dict) -> list[str]:
+    return [CEILING_HEADER, "", f"Commit `{c['commit']}`. One attack step (`sae_clamp` on IOI prompts lengthened to "
+            "refusal's length) in FLOPs (matrix products and attention, forward and backward, as torch's "
+            "`FlopCounterMode` counts them) and GFLOP/s, against a 2048 x 2048 float32 matrix product at the same "
+            "thread count: the practical ceiling of the model's dense layers.", "",
+            table([c["step"]], list(c["step"])), "",
+            "The same steps in one process per core (one thread each, side by side, summed) against one process "
+            "using every core: whether running suites in parallel processes would beat torch's own threads.", "",
+            table(c["processes"], list(c["processes"][0])), ""]
+
+
+def update_ceiling(out: Path, threads: int, steps: int, rounds: int) -> None:
+    c = ceiling(threads, steps, rounds)
+    update_section(out, CEILING_HEADER, ceiling_section(c), ceiling_keys(c))
+    print(json.dumps(c, indent=2))
+
+
+def replace_section(md: str, header: str, lines: list[str]) -> str:
+    """``md`` with the ``## `` section ``header`` replaced by ``lines``, or inserted before the default battery's."""
+    text = "\n".join(lines)
+    start = md.find(header + "\n")
+    if start < 0:
+        cut = md.index(BATTERY_HEADER)
+        return md[:cut] + text + "\n" + md[cut:]
+    end = md.find("\n## ", start)
+    return md[:start] + text + ("" if end < 0 else md[end:])
+
+
+def update_section(out: Path, header: str, lines: list[str], keys: dict) -> None:
+    """Rewrite one section of ``out``/perf.md and its headline ``keys`` in perf.json; the other figures stay."""
+    headline = {**json.loads((out / "perf.json").read_text()), **keys}
+    write_text_atomic(out / "perf.md", replace_section((out / "perf.md").read_text(), header, lines))
+    write_text_atomic(out / "perf.json", json.dumps(headline, indent=2) + "\n")
 
 
 def examples_scaling(model, task, defense, flips, sizes) -> list[dict]:
@@ -278,11 +413,7 @@ def battery_section(battery: dict) -> list[str]:
 def update_battery(out: Path) -> None:
     """Rewrite the default battery's figures in ``out``/perf.json and perf.md from the records now committed."""
     battery = default_battery_seconds()
-    headline = {**json.loads((out / "perf.json").read_text()), **battery_keys(battery)}
-    md = (out / "perf.md").read_text()
-    md = md[:md.index(BATTERY_HEADER)] + "\n".join(battery_section(battery))
-    write_text_atomic(out / "perf.md", md)
-    write_text_atomic(out / "perf.json", json.dumps(headline, indent=2) + "\n")
+    update_section(out, BATTERY_HEADER, battery_section(battery), battery_keys(battery))
     print(json.dumps(battery_keys(battery), indent=2))
 
 
@@ -305,6 +436,9 @@ def main() -> None:
                          "perf.md (after the reference records are run again); the other figures stay")
     ap.add_argument("--allocator-only", action="store_true",
                     help="only measure the allocator comparison into perf.json and perf.md; the other figures stay")
+    ap.add_argument("--ceiling-only", action="store_true",
+                    help="only measure the machine's ceiling and threads against processes into perf.json and "
+                         "perf.md; the other figures stay")
     ap.add_argument("--out", type=Path, default=ROOT / "leaderboard")
     args = ap.parse_args()
     keep_freed_memory()  # as `benchmark` does (unless BENCHMARK_GLIBC_MALLOC_DEFAULTS=1)
@@ -318,6 +452,9 @@ def main() -> None:
     if args.allocator_only:
         update_allocator(args.out, args.threads, steps, rounds)
         return
+    if args.ceiling_only:
+        update_ceiling(args.out, args.threads, steps, rounds)
+        return
     torch.set_num_threads(args.threads)
     commit, dirty = git_state()
     t_start, load_start = time.time(), os.getloadavg()[0]
@@ -330,6 +467,8 @@ def main() -> None:
     scale = scaling(args.threads, steps, args.quick)
     print("allocator ...", file=sys.stderr, flush=True)
     ab = allocator(args.threads, steps, rounds)
+    print("ceiling ...", file=sys.stderr, flush=True)
+    top = ceiling(args.threads, steps, rounds)
     print("examples ...", file=sys.stderr, flush=True)
     by_examples = examples_scaling(model, task, defense, flips, (16, 32) if args.quick else (16, 32, 64, 128))
     battery = default_battery_seconds()
@@ -338,6 +477,7 @@ def main() -> None:
         "step_ratio_vs_raw_full_network": ratio["ratio_full"],
         "speedup_vs_per_example": speed["speedup"],
         "allocator_speedup": ab["speedup"],
+        **ceiling_keys(top),
         **battery_keys(battery),
         "cpu_threads": args.threads,
         "device": "cpu",
@@ -361,6 +501,7 @@ def main() -> None:
         "## Attack wall time against number of examples", "",
         table(by_examples, ["examples", "attack_seconds"]), "",
         *allocator_section(ab),
+        *ceiling_section(top),
         *battery_section(battery),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
