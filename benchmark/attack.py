@@ -57,7 +57,8 @@ from tqdm import tqdm
 
 from benchmark import jacobian, sae_math
 from benchmark.errors import BenchmarkError
-from benchmark.forward import Edit, EditedForward, add, capture, compose, input_embeddings, run_edited, run_task
+from benchmark.forward import (Edit, EditedForward, Prefill, add, capture, compose, input_embeddings, prefill,
+                               run_continued, run_edited, run_task)
 from benchmark.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
@@ -151,6 +152,7 @@ class Chunk:
     real: Tensor  # [n, q] bool: slots kept in the outcome (real tokens)
     read_def: dict[int, Tensor]  # defended readouts [n, p, k_L] with delta = 0
     h_site: Tensor | None = None  # [n, p, d] residual at the attacked site, unattacked (reused by every step)
+    prefill: Prefill | None = None  # soft_suffix: the prompts before the suffix, run once (reused by every step)
     basis: Tensor | None = None  # [n, q * d, r] cross-site subspace to project out (mode jacobian)
     jac_rank: Tensor | None = None  # [n]
     jac_exact: bool | None = None
@@ -286,13 +288,14 @@ class RecoveryAttack:
 
     # -- forward passes ------------------------------------------------------------------------------------------
 
-    def _forward(self, batch: PromptBatch, delta: Tensor, h_site: Tensor | None = None):
+    def _forward(self, batch: PromptBatch, delta: Tensor, h_site: Tensor | None = None, pre: Prefill | None = None):
         """Defended forward with ``delta`` applied; returns what the suite reads and every site's input.
 
         ``h_site`` [b, p, d], the unattacked residual at the attacked site, skips every block up to the site
-        (nothing there depends on ``delta``); it needs every defended site at or above the attacked one."""
+        (nothing there depends on ``delta``); it needs every defended site at or above the attacked one. Mode
+        soft_suffix runs only the columns from the suffix on, after ``pre`` (the prompts before it)."""
         if self.cfg.mode == "soft_suffix":
-            return self._suffix_forward(batch, delta)
+            return self._suffix_forward(batch, delta, pre)
         seen: dict[int, Tensor] = {}
         prefix = None if h_site is None else (self.layer, h_site)
         with torch.enable_grad():
@@ -313,14 +316,15 @@ class RecoveryAttack:
         """Whether attack steps skip the blocks below the site (no defended site lies below it)."""
         return self.layer is not None and all(L >= self.layer for L in self.defense.sites)
 
-    def _suffix_forward(self, batch: PromptBatch, delta: Tensor):
-        """Defended forward from input embeddings with ``delta`` on the suffix tokens (:meth:`_suffix_embeds`)."""
+    def _suffix_forward(self, batch: PromptBatch, delta: Tensor | None, pre: Prefill):
+        """Defended forward from input embeddings with ``delta`` on the suffix tokens (:meth:`_suffix_embeds`),
+        running only the columns from the suffix on after ``pre``, the prompts before it (nothing there depends on
+        the suffix: causal attention and causal edits); every site's input and the suite's read cover every column."""
         seen: dict[int, Tensor] = {}
-        edits = defense_edits(self.defense, batch)
-        for L in self.defense.sites:
-            edits[L] = compose(capture(seen, L), edits[L])
+        edits = {L: compose(capture(seen, L), e) for L, e in defense_edits(self.defense, batch).items()}
         with torch.enable_grad():
-            read = run_task(self.model, self.task, batch, edits, inputs_embeds=self._suffix_embeds(batch, delta))
+            read = run_continued(self.model, batch, edits, pre, read_layer=self.task.read_layer,
+                                 inputs_embeds=self._suffix_embeds(batch, delta)[:, pre.width:])
         return read, seen
 
     def _suffix_embeds(self, batch: PromptBatch, delta: Tensor | None, start: int | None = None) -> Tensor:
@@ -362,25 +366,29 @@ class RecoveryAttack:
         return chunk
 
     @torch.no_grad()
-    def _site_inputs(self, batch: PromptBatch, edits: dict[int, Edit], inputs_embeds: Tensor | None = None
-                     ) -> dict[int, Tensor]:
+    def _site_inputs(self, batch: PromptBatch, edits: dict[int, Edit]) -> dict[int, Tensor]:
         """Every edited site's input [b, p, d] with ``edits`` (no ``delta``), from a pass that stops at the last
         of them (nothing above it is read); empty without edits."""
         seen: dict[int, Tensor] = {}
         if edits:
             captured = {L: compose(capture(seen, L), e) for L, e in edits.items()}
-            run_edited(self.model, batch, captured, read_layer=max(edits), inputs_embeds=inputs_embeds)
+            run_edited(self.model, batch, captured, read_layer=max(edits))
         return seen
 
     def _prepare_suffix(self, batch: PromptBatch) -> Chunk:
         ext = with_suffix(batch, self.cfg.suffix_len, self.suffix_id)
-        seen = self._site_inputs(ext, defense_edits(self.defense, ext), self._suffix_embeds(ext, None))
+        start = suffix_start(ext, self.cfg.suffix_len)
+        head = PromptBatch(ext.ids, ext.input_ids[:, :start], ext.attention_mask[:, :start])
+        pre = prefill(self.model, head, defense_edits(self.defense, head), read_layer=self.task.read_layer,
+                      inputs_embeds=self.embed[head.input_ids])
+        with torch.no_grad():
+            _, seen = self._suffix_forward(ext, None, pre)
         n, k = len(batch), self.cfg.suffix_len
         slots = torch.ones(n, k)
         if self.cfg.positions == "last":
             slots[:, :-1] = 0
         ref = self.embed[self.suffix_id].norm().expand(n, k).clone()
-        return Chunk(ext, ref, slots, torch.ones(n, k, dtype=torch.bool), self._readouts(seen))
+        return Chunk(ext, ref, slots, torch.ones(n, k, dtype=torch.bool), self._readouts(seen), prefill=pre)
 
     def _cross_site(self, chunk: Chunk) -> None:
         """Fill ``chunk``'s cross-site basis (exact or randomized), its ranks and its first-order residual."""
@@ -498,7 +506,8 @@ class RecoveryAttack:
             cols = slice(None) if suffix else slice(p - sub.input_ids.shape[1], p)
             d = delta[idx, cols].clone().requires_grad_(True)
             h_site = None if chunk.h_site is None else chunk.h_site[idx][:, cols]
-            read, seen_att = self._forward(sub, d, h_site=h_site)
+            pre = None if chunk.prefill is None else chunk.prefill.select(idx, p - sub.input_ids.shape[1])
+            read, seen_att = self._forward(sub, d, h_site=h_site, pre=pre)
             b = self.task.behavior(read, sub).detach()
             reads = self._readouts(seen_att)
             newly = b > 0

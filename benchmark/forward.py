@@ -12,6 +12,7 @@ autograd graph (a gradient through them raises :class:`BenchmarkError`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -158,11 +159,64 @@ class EditedForward:
         embeds = [None if self.embeds_for is None else self.embeds_for(batch)]  # the prompt's, then none
 
         def next_logits(now: PromptBatch) -> Tensor:
-            edits = {L: _OnAllColumns(e, seen, L) for L, e in self.edits_for(now).items()}
+            edits = on_all_columns(self.edits_for(now), seen)
             logits = run_edited(self.model, now, edits, inputs_embeds=embeds.pop() if embeds else None, past=past)
             return logits[:, -1]
 
         return greedy_loop(next_logits, batch, new_tokens, eos_id)
+
+
+def on_all_columns(edits: dict[int, Edit], seen: dict[int, Tensor]) -> dict[int, Edit]:
+    """``edits`` for a pass that runs only the newest columns after a key/value cache of the earlier ones: each
+    runs on every column so far (its site's earlier unedited residual, kept in ``seen`` and extended by each
+    pass) and returns the newest columns. Exact for causal edits (see :meth:`EditedForward.greedy`)."""
+    return {L: _OnAllColumns(e, seen, L) for L, e in edits.items()}
+
+
+@dataclass
+class Prefill:
+    """The first ``width`` columns of a batch, run once (:func:`prefill`) and continued by passes over the columns
+    after them (:func:`run_continued`): what a soft suffix appended after a prompt needs, since nothing before the
+    suffix depends on it (causal attention, causal edits)."""
+
+    kv: list[tuple[Tensor | None, Tensor | None]]  # per layer: keys, values [b, kv_heads, width, head_dim]
+    seen: dict[int, Tensor]  # per edited site: its unedited residual [b, width, d]
+    read: Tensor | None  # the residual read [b, width, d] at the read layer (None when logits are read)
+
+    @property
+    def width(self) -> int:
+        return next(iter(self.seen.values())).shape[1] if self.seen else self.kv[0][0].shape[2]
+
+    def select(self, rows: Tensor, drop: int) -> Prefill:
+        """The prefill of ``rows``, without its first ``drop`` columns (padding for every one of them)."""
+        def cut(t: Tensor | None, dim: int) -> Tensor | None:
+            return None if t is None else t[rows].narrow(dim, drop, t.shape[dim] - drop)
+
+        return Prefill([(cut(k, 2), cut(v, 2)) for k, v in self.kv], {L: cut(h, 1) for L, h in self.seen.items()},
+                       cut(self.read, 1))
+
+
+@torch.no_grad()
+def prefill(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *, read_layer: int | None = None,
+            inputs_embeds: Tensor | None = None) -> Prefill:
+    """Run every column of ``batch`` (the first part of longer rows) with ``edits``, keeping its keys and values,
+    each edited site's unedited residual and, with ``read_layer``, the residual read there."""
+    past, seen = DynamicCache(config=model.hf.config), {}
+    read = run_edited(model, batch, on_all_columns(edits, seen), read_layer=read_layer, inputs_embeds=inputs_embeds,
+                      past=past)
+    kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None) for layer in past.layers]
+    return Prefill(kv, seen, read if read_layer is not None else None)
+
+
+def run_continued(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], pre: Prefill, *,
+                  read_layer: int | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+    """:func:`run_edited` of ``batch`` whose first ``pre.width`` columns are ``pre``: only the columns after them
+    run (``inputs_embeds`` holds those), every edit sees every column (:func:`on_all_columns`, so a
+    :func:`capture` inside an edit records all of them), and a residual read covers every column."""
+    past = DynamicCache(ddp_cache_data=pre.kv, config=model.hf.config)
+    read = run_edited(model, batch, on_all_columns(edits, dict(pre.seen)), read_layer=read_layer,
+                      inputs_embeds=inputs_embeds, past=past)
+    return read if read_layer is None else torch.cat([pre.read, read], 1)
 
 
 class _OnAllColumns:

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from benchmark.attack import AttackConfig, RecoveryAttack, attacked_positions, suffix_start, with_suffix
+from benchmark.attack import (AttackConfig, RecoveryAttack, attacked_positions, defense_edits, suffix_start,
+                              with_suffix)
 from benchmark.base_residuals import BaseResiduals
 from benchmark.engine import behavior_scores, shared_prefix
-from benchmark.forward import add, capture, run_edited
+from benchmark.forward import add, capture, compose, input_embeddings, prefill, run_continued, run_edited
 from tasks.base import PromptBatch
 
 
@@ -113,6 +114,42 @@ def test_length_chunks_trim_padding_and_map_back_to_row_order():
     assert [p.input_ids.shape[1] for p in parts] == [2, 5, 7], "columns of padding for every row are dropped"
     widths = batch.map_length_chunks(2, lambda p: torch.tensor([[int(i), p.input_ids.shape[1]] for i in p.ids]))
     assert widths.tolist() == [[0, 5], [1, 2], [2, 7], [3, 2], [4, 5]], "rows come back in the batch's order"
+
+
+@pytest.mark.parametrize("read_layer", [None, 2])
+def test_a_prefilled_prompt_continued_equals_the_full_pass(tiny_model, ioi, fitted_clamp, read_layer):
+    """What the soft suffix attack relies on: the prompt before the suffix run once, then only the suffix columns
+    with its keys and values, gives the full pass's read, site inputs (every column) and gradient, also for a
+    subset of the rows that drops their common padding."""
+    ext = with_suffix(_batch(ioi, 8), 3, 5)
+    start = suffix_start(ext, 3)
+    head = PromptBatch(ext.ids, ext.input_ids[:, :start], ext.attention_mask[:, :start])
+    embed = input_embeddings(tiny_model).detach()
+    pre = prefill(tiny_model, head, defense_edits(fitted_clamp, head), read_layer=read_layer,
+                  inputs_embeds=embed[head.input_ids])
+    rows = torch.tensor([1, 4, 6])
+    sub = ext.select(rows)
+    drop = ext.input_ids.shape[1] - sub.input_ids.shape[1]
+    assert drop > 0, "the rows share leading padding, which the sub-batch and its prefill drop"
+    results = []
+    for continued in (False, True):
+        delta = (0.1 * torch.ones(len(rows), 3, embed.shape[1])).requires_grad_(True)
+        embeds = embed[sub.input_ids]
+        embeds = torch.cat([embeds[:, :start - drop], embeds[:, start - drop:] + delta], 1)
+        seen = {}
+        edits = {L: compose(capture(seen, L), e) for L, e in defense_edits(fitted_clamp, sub).items()}
+        if continued:
+            read = run_continued(tiny_model, sub, edits, pre.select(rows, drop), read_layer=read_layer,
+                                 inputs_embeds=embeds[:, start - drop:])
+        else:
+            read = run_edited(tiny_model, sub, edits, read_layer=read_layer, inputs_embeds=embeds)
+        read.pow(2).sum().backward()
+        results.append((read.detach(), seen[2].detach(), delta.grad))
+    (full, full_site, full_grad), (cont, cont_site, cont_grad) = results
+    assert cont.shape == full.shape and cont_site.shape == full_site.shape
+    assert torch.allclose(cont, full, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(cont_site, full_site, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(cont_grad, full_grad, atol=1e-3, rtol=1e-3) and full_grad.abs().sum() > 0
 
 
 def _answer_batch():
