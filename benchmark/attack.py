@@ -28,7 +28,9 @@ including the suffix. A suffix cannot change the defended readouts over the orig
 attention), so this mode's drift and reactivation compare the readouts at every defended site over every
 editable position of prompt + suffix with the defended run on the same prompt + suffix at its initialization:
 all of the change is at the suffix positions, and the relative drift divides it by the norm over all positions.
-It makes no C1 claim (``c1_change`` is None) and has no residual ``delta`` to replay.
+It makes no C1 claim (``c1_change`` is None) and has no residual ``delta`` to replay. The prompt before the suffix
+runs once per chunk (:func:`benchmark.forward.prefill`, the defense active); each step runs only the suffix and
+answer columns after its keys and values (:func:`benchmark.forward.run_continued`).
 
 Budgets are swept in ascending order, each example on its own; it stops as soon as its behavior score is
 positive with the defense active, and leaves a budget after ``steps`` updates or earlier, once the search
