@@ -24,6 +24,7 @@ thread count). Everything runs on the default model with the reference ``sae_cla
 - **ceiling**: one attack step's FLOPs per second against a large float32 matrix product at the same thread
   count (the practical ceiling of the dense layers); and the same steps in one single-thread process per core,
   side by side, against one process using every thread (would parallel suites beat torch's threads?).
+- **soft suffix**: one soft-suffix step (prompt prefilled once) against a plain full pass over prompt + suffix.
 - **default battery**: the summed ``wall_seconds`` of the committed records of the default command
   (``benchmark evaluate --defense reference``: every suite with its reference defense, encoder attack) at the
   commits they name.
@@ -45,9 +46,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmark.attack import AttackConfig, RecoveryAttack  # noqa: E402
+from benchmark.attack import AttackConfig, RecoveryAttack, defense_edits, suffix_start, with_suffix  # noqa: E402
 from benchmark.cli import GLIBC_DEFAULTS_ENV, keep_freed_memory  # noqa: E402
 from benchmark.engine import behavior_scores  # noqa: E402
+from benchmark.forward import run_task  # noqa: E402
 from benchmark.models import DEFAULT_MODEL, load_model  # noqa: E402
 from benchmark.records import RECORDS_DIR, git_state, write_text_atomic  # noqa: E402
 from defenses import DEFENSES, FitContext  # noqa: E402
@@ -80,11 +82,11 @@ def with_filler(batch: PromptBatch, tokenizer, tokens: int) -> PromptBatch:
                        torch.cat([torch.ones_like(pre), batch.attention_mask], 1), batch.targets, batch.read_len)
 
 
-def _attack_steps(model, task, defense, batch, steps: int):
+def _attack_steps(model, task, defense, batch, steps: int, mode: str = "encoder"):
     """A callable running ``steps`` attacker steps on ``batch``: no example recovers and none leaves early (no
     patience), so each update runs on all of them; the final judging forward counts against the attacker. The
     chunk is prepared here, apart: that is done once per chunk, not per step."""
-    cfg = AttackConfig(eps=NEVER, steps=steps, batch_size=len(batch), patience=None)
+    cfg = AttackConfig(mode=mode, eps=NEVER, steps=steps, batch_size=len(batch), patience=None)
     attack = RecoveryAttack(model, defense, task, cfg)
     chunk = attack.prepare(batch)
 
@@ -95,9 +97,9 @@ def _attack_steps(model, task, defense, batch, steps: int):
     return run
 
 
-def attack_step_seconds(model, task, defense, batch, steps: int) -> float:
+def attack_step_seconds(model, task, defense, batch, steps: int, mode: str = "encoder") -> float:
     """Seconds per attacker step on ``batch`` (see :func:`_attack_steps`)."""
-    run = _attack_steps(model, task, defense, batch, steps)
+    run = _attack_steps(model, task, defense, batch, steps, mode)
     t0 = time.perf_counter()
     run()
     return (time.perf_counter() - t0) / steps
@@ -157,6 +159,67 @@ def plain_step_seconds(model, task, batch, layer: int, steps: int, reuse_prefix:
             h.remove()
         for L, fwd in saved.items():
             blocks[L].forward = fwd
+
+
+SUFFIX_HEADER = "## Soft suffix: the prompt run once"
+
+
+@torch.no_grad()
+def suffix_flips(model, task, defense, batch: PromptBatch, length: int) -> PromptBatch:
+    """The rows of ``batch`` whose behavior with the suffix at its initialization is still off (defended)."""
+    attack = RecoveryAttack(model, defense, task, AttackConfig(mode="soft_suffix", suffix_len=length))
+    ext = with_suffix(batch, length, attack.suffix_id)
+    read = run_task(model, task, ext, defense_edits(defense, ext), inputs_embeds=attack.embed[ext.input_ids])
+    b = task.behavior(read, ext)
+    return batch.select((b <= 0).nonzero()[:, 0])
+
+
+def plain_suffix_step_seconds(model, task, defense, batch: PromptBatch, length: int, steps: int) -> float:
+    """Seconds per plain forward+backward of the whole prompt + suffix, defense active, gradient to the suffix
+    embeddings: a soft-suffix step without the prefilled prompt (a floor of what the attacker ran before)."""
+    attack = RecoveryAttack(model, defense, task, AttackConfig(mode="soft_suffix", suffix_len=length))
+    ext = with_suffix(batch, length, attack.suffix_id)
+    start = suffix_start(ext, length)
+    embeds = attack.embed[ext.input_ids]
+    delta = torch.zeros(len(ext), length, embeds.shape[2], requires_grad=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        with torch.enable_grad():
+            fed = torch.cat([embeds[:, :start], embeds[:, start:start + length] + delta, embeds[:, start + length:]], 1)
+            read = run_task(model, task, ext, defense_edits(defense, ext), inputs_embeds=fed)
+            task.attack_loss(read, ext).sum().backward()
+        delta.grad = None
+    return (time.perf_counter() - t0) / steps
+
+
+def suffix_speed(model, task, defense, flips, steps: int, rounds: int) -> dict:
+    """A soft-suffix attack step (8 tokens after prompts lengthened to about TPP's ~240 tokens, batch 8) against the
+    plain full pass over prompt + suffix, alternating, median over ``rounds``."""
+    length = AttackConfig().suffix_len
+    batch = suffix_flips(model, task, defense, with_filler(flips, model.tokenizer, 224), length)
+    batch = batch.select(list(range(min(8, len(batch)))))
+    ours, plain = [], []
+    for _ in range(rounds):
+        ours.append(attack_step_seconds(model, task, defense, batch, steps, mode="soft_suffix"))
+        plain.append(plain_suffix_step_seconds(model, task, defense, batch, length, steps))
+    o, f = statistics.median(ours), statistics.median(plain)
+    return {"commit": git_state()[0][:10], "batch": len(batch), "prompt_tokens": int(batch.input_ids.shape[1]),
+            "suffix_tokens": length, "steps": steps, "rounds": rounds, "soft_suffix_step_s": o,
+            "plain_full_pass_s": f, "speedup": f / o}
+
+
+def suffix_section(r: dict) -> list[str]:
+    return [SUFFIX_HEADER, "", "One soft-suffix attack step (the prompt before the suffix run once per chunk, each "
+            "step only the suffix columns after its keys and values) against a plain forward+backward over the whole "
+            "prompt + suffix with the defense active, what a step cost before (a floor: the attacker's own overhead "
+            "comes on top). `sae_clamp` on IOI prompts lengthened to about TPP's length.", "", table([r], list(r)), ""]
+
+
+def update_suffix(out: Path, steps: int, rounds: int) -> None:
+    model, task, defense, flips = setup()
+    r = suffix_speed(model, task, defense, flips, steps, rounds)
+    update_section(out, SUFFIX_HEADER, suffix_section(r), {"soft_suffix_speedup_vs_full_pass": r["speedup"]})
+    print(json.dumps(r, indent=2))
 
 
 def step_ratio(model, task, defense, flips, batch_size: int, steps: int, rounds: int) -> dict:
@@ -439,6 +502,8 @@ def main() -> None:
     ap.add_argument("--ceiling-only", action="store_true",
                     help="only measure the machine's ceiling and threads against processes into perf.json and "
                          "perf.md; the other figures stay")
+    ap.add_argument("--suffix-only", action="store_true",
+                    help="only measure the soft suffix's step against a full pass into perf.json and perf.md")
     ap.add_argument("--out", type=Path, default=ROOT / "leaderboard")
     args = ap.parse_args()
     keep_freed_memory()  # as `benchmark` does (unless BENCHMARK_GLIBC_MALLOC_DEFAULTS=1)
@@ -456,6 +521,9 @@ def main() -> None:
         update_ceiling(args.out, args.threads, steps, rounds)
         return
     torch.set_num_threads(args.threads)
+    if args.suffix_only:
+        update_suffix(args.out, steps, rounds)
+        return
     commit, dirty = git_state()
     t_start, load_start = time.time(), os.getloadavg()[0]
     model, task, defense, flips = setup()
@@ -469,6 +537,8 @@ def main() -> None:
     ab = allocator(args.threads, steps, rounds)
     print("ceiling ...", file=sys.stderr, flush=True)
     top = ceiling(args.threads, steps, rounds)
+    print("soft suffix ...", file=sys.stderr, flush=True)
+    suffix = suffix_speed(model, task, defense, flips, steps, rounds)
     print("examples ...", file=sys.stderr, flush=True)
     by_examples = examples_scaling(model, task, defense, flips, (16, 32) if args.quick else (16, 32, 64, 128))
     battery = default_battery_seconds()
@@ -478,6 +548,7 @@ def main() -> None:
         "speedup_vs_per_example": speed["speedup"],
         "allocator_speedup": ab["speedup"],
         **ceiling_keys(top),
+        "soft_suffix_speedup_vs_full_pass": suffix["speedup"],
         **battery_keys(battery),
         "cpu_threads": args.threads,
         "device": "cpu",
@@ -502,6 +573,7 @@ def main() -> None:
         table(by_examples, ["examples", "attack_seconds"]), "",
         *allocator_section(ab),
         *ceiling_section(top),
+        *suffix_section(suffix),
         *battery_section(battery),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
