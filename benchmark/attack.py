@@ -319,17 +319,17 @@ class RecoveryAttack:
         return self.layer is not None and all(L >= self.layer for L in self.defense.sites)
 
     def _suffix_forward(self, batch: PromptBatch, delta: Tensor | None, pre: Prefill):
-        """Defended forward from input embeddings with ``delta`` on the suffix tokens (:meth:`_suffix_embeds`),
+        """Defended forward from input embeddings with ``delta`` on the suffix tokens (:meth:`suffix_embeds`),
         running only the columns from the suffix on after ``pre``, the prompts before it (nothing there depends on
         the suffix: causal attention and causal edits); every site's input and the suite's read cover every column."""
         seen: dict[int, Tensor] = {}
         edits = {L: compose(capture(seen, L), e) for L, e in defense_edits(self.defense, batch).items()}
         with torch.enable_grad():
             read = run_continued(self.model, batch, edits, pre, read_layer=self.task.read_layer,
-                                 inputs_embeds=self._suffix_embeds(batch, delta)[:, pre.width:])
+                                 inputs_embeds=self.suffix_embeds(batch, delta)[:, pre.width:])
         return read, seen
 
-    def _suffix_embeds(self, batch: PromptBatch, delta: Tensor | None, start: int | None = None) -> Tensor:
+    def suffix_embeds(self, batch: PromptBatch, delta: Tensor | None, start: int | None = None) -> Tensor:
         """[b, p, d_emb]: input embeddings of ``batch`` with ``delta`` [b, suffix_len, d_emb] added to its suffix
         tokens (``suffix_len`` columns from ``start``, by default where :func:`with_suffix` put them)."""
         embeds = self.embed[batch.input_ids]
@@ -344,7 +344,7 @@ class RecoveryAttack:
         if self.cfg.mode == "soft_suffix":
             start = suffix_start(chunk.batch, self.cfg.suffix_len)
             forward = EditedForward(self.model, self.task, lambda b: defense_edits(self.defense, b),
-                                    embeds_for=lambda b: self._suffix_embeds(b, delta, start))
+                                    embeds_for=lambda b: self.suffix_embeds(b, delta, start))
         else:
             forward = EditedForward(self.model, self.task, lambda b: self._attacked_edits(b, delta))
         with torch.no_grad():

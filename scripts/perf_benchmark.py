@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmark.attack import AttackConfig, RecoveryAttack, defense_edits, suffix_start, with_suffix  # noqa: E402
+from benchmark.attack import AttackConfig, RecoveryAttack, defense_edits, with_suffix  # noqa: E402
 from benchmark.cli import GLIBC_DEFAULTS_ENV, keep_freed_memory  # noqa: E402
 from benchmark.engine import behavior_scores  # noqa: E402
 from benchmark.forward import run_task  # noqa: E402
@@ -165,29 +165,25 @@ SUFFIX_HEADER = "## Soft suffix: the prompt run once"
 
 
 @torch.no_grad()
-def suffix_flips(model, task, defense, batch: PromptBatch, length: int) -> PromptBatch:
-    """The rows of ``batch`` whose behavior with the suffix at its initialization is still off (defended)."""
-    attack = RecoveryAttack(model, defense, task, AttackConfig(mode="soft_suffix", suffix_len=length))
-    ext = with_suffix(batch, length, attack.suffix_id)
-    read = run_task(model, task, ext, defense_edits(defense, ext), inputs_embeds=attack.embed[ext.input_ids])
-    b = task.behavior(read, ext)
-    return batch.select((b <= 0).nonzero()[:, 0])
+def suffix_flips(attack: RecoveryAttack, batch: PromptBatch) -> PromptBatch:
+    """The rows of ``batch`` whose behavior with ``attack``'s suffix at its initialization is still off."""
+    ext = with_suffix(batch, attack.cfg.suffix_len, attack.suffix_id)
+    read = run_task(attack.model, attack.task, ext, defense_edits(attack.defense, ext),
+                    inputs_embeds=attack.suffix_embeds(ext, None))
+    return batch.select((attack.task.behavior(read, ext) <= 0).nonzero()[:, 0])
 
 
-def plain_suffix_step_seconds(model, task, defense, batch: PromptBatch, length: int, steps: int) -> float:
+def plain_suffix_step_seconds(attack: RecoveryAttack, batch: PromptBatch, steps: int) -> float:
     """Seconds per plain forward+backward of the whole prompt + suffix, defense active, gradient to the suffix
     embeddings: a soft-suffix step without the prefilled prompt (a floor of what the attacker ran before)."""
-    attack = RecoveryAttack(model, defense, task, AttackConfig(mode="soft_suffix", suffix_len=length))
-    ext = with_suffix(batch, length, attack.suffix_id)
-    start = suffix_start(ext, length)
-    embeds = attack.embed[ext.input_ids]
-    delta = torch.zeros(len(ext), length, embeds.shape[2], requires_grad=True)
+    ext = with_suffix(batch, attack.cfg.suffix_len, attack.suffix_id)
+    delta = torch.zeros(len(ext), attack.cfg.suffix_len, attack.embed.shape[1], requires_grad=True)
     t0 = time.perf_counter()
     for _ in range(steps):
         with torch.enable_grad():
-            fed = torch.cat([embeds[:, :start], embeds[:, start:start + length] + delta, embeds[:, start + length:]], 1)
-            read = run_task(model, task, ext, defense_edits(defense, ext), inputs_embeds=fed)
-            task.attack_loss(read, ext).sum().backward()
+            read = run_task(attack.model, attack.task, ext, defense_edits(attack.defense, ext),
+                            inputs_embeds=attack.suffix_embeds(ext, delta))
+            attack.task.attack_loss(read, ext).sum().backward()
         delta.grad = None
     return (time.perf_counter() - t0) / steps
 
@@ -195,16 +191,16 @@ def plain_suffix_step_seconds(model, task, defense, batch: PromptBatch, length: 
 def suffix_speed(model, task, defense, flips, steps: int, rounds: int) -> dict:
     """A soft-suffix attack step (8 tokens after prompts lengthened to about TPP's ~240 tokens, batch 8) against the
     plain full pass over prompt + suffix, alternating, median over ``rounds``."""
-    length = AttackConfig().suffix_len
-    batch = suffix_flips(model, task, defense, with_filler(flips, model.tokenizer, 224), length)
+    attack = RecoveryAttack(model, defense, task, AttackConfig(mode="soft_suffix"))
+    batch = suffix_flips(attack, with_filler(flips, model.tokenizer, 224))
     batch = batch.select(list(range(min(8, len(batch)))))
     ours, plain = [], []
     for _ in range(rounds):
         ours.append(attack_step_seconds(model, task, defense, batch, steps, mode="soft_suffix"))
-        plain.append(plain_suffix_step_seconds(model, task, defense, batch, length, steps))
+        plain.append(plain_suffix_step_seconds(attack, batch, steps))
     o, f = statistics.median(ours), statistics.median(plain)
     return {"commit": git_state()[0][:10], "batch": len(batch), "prompt_tokens": int(batch.input_ids.shape[1]),
-            "suffix_tokens": length, "steps": steps, "rounds": rounds, "soft_suffix_step_s": o,
+            "suffix_tokens": attack.cfg.suffix_len, "steps": steps, "rounds": rounds, "soft_suffix_step_s": o,
             "plain_full_pass_s": f, "speedup": f / o}
 
 
@@ -311,8 +307,11 @@ def in_fresh_processes(specs: list[dict], env: dict | None = None) -> list[dict]
             while (line := proc.stdout.readline()) and line.strip() != READY:
                 pass
         for proc, _ in procs:
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
+            try:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            except BrokenPipeError:  # it died before the barrier: its exit code and log are reported below
+                pass
     rows = []
     for proc, log in procs:
         out, _ = proc.communicate()
