@@ -137,7 +137,7 @@ def evaluate(
     for c in partial.todo():
         with _phase(f"chunk {c + 1} of {n_chunks}", progress):
             partial.add(c, attack_chunk(attack, flips.select(chunk_rows(c, attack_cfg.batch_size, len(flips))),
-                                        progress))
+                                        progress, residuals))
     if shard != WHOLE:
         return partial.save(), partial.path
     record = partial.record()
@@ -176,8 +176,10 @@ def run_head(model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackC
     }
 
 
-def attack_chunk(attack: RecoveryAttack, batch: PromptBatch, progress: bool) -> list[dict]:
-    """Attack one chunk of valid flips and replay its recovered ones: one result per example, in order.
+def attack_chunk(attack: RecoveryAttack, batch: PromptBatch, progress: bool,
+                 residuals: BaseResiduals | None = None) -> list[dict]:
+    """Attack one chunk of valid flips and replay its recovered ones (from ``residuals``, the run's store of
+    undefended residuals, when given): one result per example, in order.
 
     A result holds the record's per-example attack fields (:data:`benchmark.records.ATTACK_FIELDS`) and what the
     record's attack section needs (``h_norm_mean``, ``jacobian_rank``, ``jacobian_exact``), all JSON values.
@@ -188,7 +190,7 @@ def attack_chunk(attack: RecoveryAttack, batch: PromptBatch, progress: bool) -> 
     if recovered and attack.layer is not None:  # path replay splits a residual delta (not the soft suffix)
         rec_batch = batch.select(recovered)
         delta = stack_deltas(rec_batch, [outcomes[i].delta for i in recovered])
-        replays = replay_parts(attack.model, attack.defense, attack.task, rec_batch, delta, attack.layer)
+        replays = replay_parts(attack.model, attack.defense, attack.task, rec_batch, delta, attack.layer, residuals)
         if replays is not None:
             replayed = {i: (bool(replays["error"][j] > 0), bool(replays["latent"][j] > 0))
                         for j, i in enumerate(recovered)}

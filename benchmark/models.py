@@ -281,6 +281,22 @@ def _architecture_of(config) -> str:
     )
 
 
+def _contiguous_input(module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+def unembed_contiguously(hf_model) -> None:
+    """Have the unembedding (``lm_head``) take its input as one contiguous block.
+
+    With ``logits_to_keep`` (the last ``r`` positions only) the model hands the unembedding a strided slice
+    ``h[:, -r:]`` [b, r, d]. torch's ``matmul`` does not fold such a view into one matrix product: it broadcasts
+    the [vocab, d] weight over the batch and runs a batched product, reading the whole weight once per row.
+    On the default model that is about 1 s of a forward+backward at batch 64 (r = 1; 12x the single product,
+    ``leaderboard/perf.md``). A contiguous copy of the slice is a few kB per row and gives the single product.
+    """
+    hf_model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", remote: bool = False) -> LoadedModel:
     """Load a registered model by name, or a saved Hugging Face model from a local folder.
 
@@ -317,6 +333,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", remote: bool = Fa
             "or a local copy in the Hugging Face cache"
         ) from err
     hf_model.eval().requires_grad_(False).to(device)
+    unembed_contiguously(hf_model)
     arch = spec.architecture if spec else _architecture_of(hf_model.config)
     lm = TransformersModel(hf_model, tokenizer=tokenizer)
     if tokenizer.pad_token is None:

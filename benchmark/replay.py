@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from benchmark.attack import defense_edits
-from benchmark.forward import add, capture, compose, run_edited, task_forward
+from benchmark.base_residuals import BaseResiduals
+from benchmark.forward import add, capture, compose, residual_prefix, run_edited, task_forward
 from benchmark.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
@@ -48,16 +49,21 @@ def split_delta(sae, feats: Tensor, h: Tensor, delta: Tensor, token_mask: Tensor
 
 @torch.no_grad()
 def replay_parts(model: LoadedModel, defense: Defense, task: TaskSuite, batch: PromptBatch, delta: Tensor,
-                 layer: int) -> dict[str, Tensor] | None:
-    """Behavior scores [b] of each replayed part (``error``, ``latent``, ``defended``); None for non-SAE defenses."""
+                 layer: int, residuals: BaseResiduals | None = None) -> dict[str, Tensor] | None:
+    """Behavior scores [b] of each replayed part (``error``, ``latent``, ``defended``); None for non-SAE defenses.
+
+    With ``residuals``, the run's store of undefended residuals at or below ``layer``, every pass starts there
+    (nothing below it changes)."""
     found = defense.sae_at(layer)
     if found is None:
         return None
+    if residuals is not None and residuals.layer > layer:
+        residuals = None
     sae, feats = found[0].sae, found[1]
     seen: dict[int, Tensor] = {}
     edits = defense_edits(defense, batch)
     edits[layer] = compose(capture(seen, layer), edits.get(layer))
-    run_edited(model, batch, edits, read_layer=max(edits))
+    run_edited(model, batch, edits, read_layer=max(edits), prefix=residual_prefix(residuals, batch))
     parts = split_delta(sae, feats, seen[layer], delta, batch.token_mask)
     scores = {}
     for name, part in parts.items():
@@ -66,5 +72,5 @@ def replay_parts(model: LoadedModel, defense: Defense, task: TaskSuite, batch: P
             edits[layer] = compose(add(part), edits.get(layer))
             return edits
 
-        scores[name] = task.score(task_forward(model, task, replay), batch)
+        scores[name] = task.score(task_forward(model, task, replay, residuals), batch)
     return scores

@@ -5,9 +5,9 @@ import torch
 from conftest import site_input
 
 from benchmark.attack import AttackConfig, RecoveryAttack, defense_edits
-from benchmark.engine import behavior_scores
+from benchmark.engine import behavior_scores, shared_prefix
 from benchmark.forward import capture, compose, run_edited
-from benchmark.replay import stack_deltas
+from benchmark.replay import replay_parts, stack_deltas
 
 
 def _valid_flips(model, ioi, defense):
@@ -80,3 +80,22 @@ def test_replay_parts_sum_to_delta(tiny_model, ioi, fitted_clamp):
     total = parts["error"] + parts["latent"] + parts["defended"]
     assert torch.allclose(total, delta, atol=1e-4 * float(delta.abs().max()))
     assert parts["latent"].abs().max() > 0 and parts["error"].abs().max() > 0
+
+
+def test_replay_from_the_stored_residuals_equals_full_passes(tiny_model, ioi, fitted_clamp):
+    flips = _valid_flips(tiny_model, ioi, fitted_clamp)
+    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=5)).run(flips, progress=False)
+    delta = stack_deltas(flips, [o.delta for o in outcomes])
+    full = replay_parts(tiny_model, fitted_clamp, ioi, flips, delta, 2)
+    store = shared_prefix(tiny_model, ioi, fitted_clamp)
+    store.get(flips)
+    calls = []
+    hook = tiny_model.hf.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        stored = replay_parts(tiny_model, fitted_clamp, ioi, flips, delta, 2, residuals=store)
+    finally:
+        hook.remove()
+    assert calls == [], "the blocks below the store's layer must not run again"
+    assert set(stored) == set(full) == {"error", "latent", "defended"}
+    for name in full:
+        assert torch.allclose(stored[name], full[name], atol=1e-4)

@@ -97,6 +97,22 @@ def test_logits_are_read_at_the_last_read_len_positions(tiny_model, ioi):
     assert torch.allclose(run_edited(tiny_model, batch, {}), full[:, -3:], atol=1e-5)
 
 
+def test_the_unembedding_gets_the_read_positions_as_one_contiguous_block(tiny_model, ioi):
+    """A strided slice of the read positions made torch run one product per row, each reading the whole
+    unembedding; the model's pre-hook hands it a contiguous block, with the same logits."""
+    batch = _batch(ioi)
+    batch.read_len = 2
+    contiguous = []
+    head = tiny_model.hf.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: contiguous.append(args[0].is_contiguous()))
+    try:
+        logits = run_edited(tiny_model, batch, {})
+    finally:
+        hook.remove()
+    assert contiguous == [True]
+    assert torch.allclose(logits, run_edited(tiny_model, batch, {}, all_logits=True)[:, -2:], atol=1e-5)
+
+
 def test_add_aligns_columns_from_the_left():
     t = torch.arange(6.0).view(1, 3, 2)
     assert torch.equal(add(t)(torch.zeros(1, 2, 2)), t[:, :2])
