@@ -281,7 +281,8 @@ def _architecture_of(config) -> str:
     )
 
 
-def _contiguous_input(module, args: tuple) -> tuple:
+def contiguous_first_input(module, args: tuple) -> tuple:
+    """A forward pre-hook: the module's first input made contiguous."""
     return (args[0].contiguous(), *args[1:])
 
 
@@ -294,7 +295,7 @@ def unembed_contiguously(hf_model) -> None:
     On the default model that is about 1 s of a forward+backward at batch 64 (r = 1; 12x the single product,
     ``leaderboard/perf.md``). A contiguous copy of the slice is a few kB per row and gives the single product.
     """
-    hf_model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
+    hf_model.get_output_embeddings().register_forward_pre_hook(contiguous_first_input)
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", remote: bool = False) -> LoadedModel:

@@ -25,6 +25,9 @@ thread count). Everything runs on the default model with the reference ``sae_cla
   count (the practical ceiling of the dense layers); and the same steps in one single-thread process per core,
   side by side, against one process using every thread (would parallel suites beat torch's threads?).
 - **soft suffix**: one soft-suffix step (prompt prefilled once) against a plain full pass over prompt + suffix.
+- **unembedding**: attack steps with the read positions handed to the unembedding as one contiguous block (what
+  :func:`benchmark.models.unembed_contiguously` does) against the strided slice the model passes by itself,
+  alternating in one process, median over rounds.
 - **default battery**: the summed ``wall_seconds`` of the committed records of the default command
   (``benchmark evaluate --defense reference``: every suite with its reference defense, encoder attack) at the
   commits they name.
@@ -39,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,7 +54,7 @@ from benchmark.attack import AttackConfig, RecoveryAttack, defense_edits, with_s
 from benchmark.cli import GLIBC_DEFAULTS_ENV, keep_freed_memory  # noqa: E402
 from benchmark.engine import behavior_scores  # noqa: E402
 from benchmark.forward import run_task  # noqa: E402
-from benchmark.models import DEFAULT_MODEL, load_model  # noqa: E402
+from benchmark.models import DEFAULT_MODEL, contiguous_first_input, load_model  # noqa: E402
 from benchmark.records import RECORDS_DIR, git_state, write_text_atomic  # noqa: E402
 from defenses import DEFENSES, FitContext  # noqa: E402
 from tasks import TASKS  # noqa: E402
@@ -70,6 +74,13 @@ def setup(defense: str = "sae_clamp", params: dict | None = None, n_test: int | 
     test = task.encode(task.examples("test")[:n_test])
     valid = (behavior_scores(model, task, test, None) > 0) & (behavior_scores(model, task, test, defense) <= 0)
     return model, task, defense, test.select(valid.nonzero()[:, 0])
+
+
+def filled_flips(model, task, defense, flips: PromptBatch, filler: int, n: int) -> PromptBatch:
+    """The first ``n`` of ``flips`` that are still valid flips with ``filler`` tokens of neutral text before them."""
+    filled = with_filler(flips, model.tokenizer, filler)
+    still = (behavior_scores(model, task, filled, None) > 0) & (behavior_scores(model, task, filled, defense) <= 0)
+    return filled.select(still.nonzero()[:n, 0])
 
 
 def with_filler(batch: PromptBatch, tokenizer, tokens: int) -> PromptBatch:
@@ -255,9 +266,7 @@ def one_config(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     model, task, defense, flips = setup(spec.get("defense", "sae_clamp"), spec.get("params"),
                                         n_test=4 * spec["batch"] + 16)
-    filled = with_filler(flips, model.tokenizer, spec.get("filler", 0))  # still flips with the filler?
-    still = (behavior_scores(model, task, filled, None) > 0) & (behavior_scores(model, task, filled, defense) <= 0)
-    batch = filled.select(still.nonzero()[:spec["batch"], 0])
+    batch = filled_flips(model, task, defense, flips, spec.get("filler", 0), spec["batch"])
     if spec.get("barrier"):  # processes run side by side: time them together, not each set-up
         print(READY, flush=True)
         sys.stdin.readline()
@@ -413,6 +422,57 @@ def update_ceiling(out: Path, threads: int, steps: int, rounds: int) -> None:
     print(json.dumps(c, indent=2))
 
 
+UNEMBED_HEADER = "## Unembedding the read positions"
+
+
+@contextmanager
+def strided_unembedding(model):
+    """The model without :func:`benchmark.models.unembed_contiguously`'s hook: the unembedding takes the strided
+    slice of the read positions (torch then runs one product per row, each reading the whole weight)."""
+    hooks = model.hf.get_output_embeddings()._forward_pre_hooks
+    ours = {k: h for k, h in hooks.items() if h is contiguous_first_input}
+    for k in ours:
+        del hooks[k]
+    try:
+        yield
+    finally:
+        hooks.update(ours)
+
+
+def unembedding(steps: int, rounds: int) -> list[dict]:
+    """Attack steps (batch 64, IOI's length and refusal's) with the contiguous and the strided unembedding input,
+    alternating, median over ``rounds``."""
+    model, task, defense, flips = setup(n_test=4 * 64 + 16)
+    rows = []
+    for filler in (0, 32):
+        batch = filled_flips(model, task, defense, flips, filler, 64)
+        contiguous, strided = [], []
+        for _ in range(rounds):
+            contiguous.append(attack_step_seconds(model, task, defense, batch, steps))
+            with strided_unembedding(model):
+                strided.append(attack_step_seconds(model, task, defense, batch, steps))
+        c, s = statistics.median(contiguous), statistics.median(strided)
+        rows.append({"commit": git_state()[0][:10], "threads": torch.get_num_threads(), "batch": len(batch),
+                     "tokens": int(batch.input_ids.shape[1]), "steps": steps, "rounds": rounds,
+                     "step_s (strided slice)": s, "step_s (contiguous)": c, "speedup": s / c})
+    return rows
+
+
+def unembedding_section(rows: list[dict]) -> list[str]:
+    return [UNEMBED_HEADER, "", "Seconds per attack step (`sae_clamp` on IOI, batch 64, at IOI's length and lengthened "
+            "to refusal's) with the read positions handed to the unembedding as one contiguous block (what "
+            "`benchmark` does) against the strided slice the model passes by itself, which torch runs as one "
+            "product per row, each reading the whole 49152 x 576 weight; alternating in one process, median over "
+            "rounds.", "", table(rows, list(rows[0])), ""]
+
+
+def update_unembedding(out: Path, steps: int, rounds: int) -> None:
+    rows = unembedding(steps, rounds)
+    update_section(out, UNEMBED_HEADER, unembedding_section(rows),
+                   {"unembedding_speedup": {str(r["tokens"]): r["speedup"] for r in rows}})
+    print(json.dumps(rows, indent=2))
+
+
 def replace_section(md: str, header: str, lines: list[str]) -> str:
     """``md`` with the ``## `` section ``header`` replaced by ``lines``, or inserted before the default battery's."""
     text = "\n".join(lines)
@@ -503,6 +563,9 @@ def main() -> None:
                          "perf.md; the other figures stay")
     ap.add_argument("--suffix-only", action="store_true",
                     help="only measure the soft suffix's step against a full pass into perf.json and perf.md")
+    ap.add_argument("--unembedding-only", action="store_true",
+                    help="only measure attack steps with the contiguous against the strided unembedding input into "
+                         "perf.json and perf.md")
     ap.add_argument("--out", type=Path, default=ROOT / "leaderboard")
     args = ap.parse_args()
     keep_freed_memory()  # as `benchmark` does (unless BENCHMARK_GLIBC_MALLOC_DEFAULTS=1)
@@ -523,6 +586,9 @@ def main() -> None:
     if args.suffix_only:
         update_suffix(args.out, steps, rounds)
         return
+    if args.unembedding_only:
+        update_unembedding(args.out, steps, rounds)
+        return
     commit, dirty = git_state()
     t_start, load_start = time.time(), os.getloadavg()[0]
     model, task, defense, flips = setup()
@@ -538,6 +604,8 @@ def main() -> None:
     top = ceiling(args.threads, steps, rounds)
     print("soft suffix ...", file=sys.stderr, flush=True)
     suffix = suffix_speed(model, task, defense, flips, steps, rounds)
+    print("unembedding ...", file=sys.stderr, flush=True)
+    unembed = unembedding(steps, rounds)
     print("examples ...", file=sys.stderr, flush=True)
     by_examples = examples_scaling(model, task, defense, flips, (16, 32) if args.quick else (16, 32, 64, 128))
     battery = default_battery_seconds()
@@ -548,6 +616,7 @@ def main() -> None:
         "allocator_speedup": ab["speedup"],
         **ceiling_keys(top),
         "soft_suffix_speedup_vs_full_pass": suffix["speedup"],
+        "unembedding_speedup": {str(r["tokens"]): r["speedup"] for r in unembed},
         **battery_keys(battery),
         "cpu_threads": args.threads,
         "device": "cpu",
@@ -573,6 +642,7 @@ def main() -> None:
         *allocator_section(ab),
         *ceiling_section(top),
         *suffix_section(suffix),
+        *unembedding_section(unembed),
         *battery_section(battery),
     ]
     args.out.mkdir(parents=True, exist_ok=True)

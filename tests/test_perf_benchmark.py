@@ -36,3 +36,22 @@ def test_update_section_keeps_the_other_headline_keys(tmp_path):
                         {"allocator_speedup": 1.2})
     assert json.loads((tmp_path / "perf.json").read_text()) == {"step_ratio_vs_raw": 1.1, "allocator_speedup": 1.2}
     assert "old allocator" not in (tmp_path / "perf.md").read_text()
+
+
+def test_the_strided_unembedding_is_the_model_without_our_hook_and_ours_comes_back(tiny_model, ioi):
+    from benchmark.forward import run_edited
+    from tasks.base import encode_prompts
+
+    examples = ioi.examples("test")[:4]
+    batch = encode_prompts(ioi.tokenizer, [e["id"] for e in examples], [e["prompt"] for e in examples], {})
+    batch.read_len = 2
+    head = tiny_model.hf.get_output_embeddings()
+    contiguous = []
+    hook = head.register_forward_hook(lambda module, args, out: contiguous.append(args[0].is_contiguous()))
+    try:
+        with perf.strided_unembedding(tiny_model):
+            run_edited(tiny_model, batch, {})
+        run_edited(tiny_model, batch, {})
+    finally:
+        hook.remove()
+    assert contiguous == [False, True]
