@@ -52,13 +52,11 @@ def replay_parts(model: LoadedModel, defense: Defense, task: TaskSuite, batch: P
                  layer: int, residuals: BaseResiduals | None = None) -> dict[str, Tensor] | None:
     """Behavior scores [b] of each replayed part (``error``, ``latent``, ``defended``); None for non-SAE defenses.
 
-    With ``residuals``, the run's store of undefended residuals at or below ``layer``, every pass starts there
-    (nothing below it changes)."""
+    With ``residuals``, the run's store of undefended residuals (at its first defended site or lower, so at or
+    below ``layer``, which has an SAE), every pass starts there (nothing below it changes)."""
     found = defense.sae_at(layer)
     if found is None:
         return None
-    if residuals is not None and residuals.layer > layer:
-        residuals = None
     sae, feats = found[0].sae, found[1]
     seen: dict[int, Tensor] = {}
     edits = defense_edits(defense, batch)

@@ -461,18 +461,21 @@ def unembedding(steps: int, rounds: int) -> list[dict]:
     return rows
 
 
+def unembedding_keys(rows: list[dict]) -> dict:
+    return {"unembedding_speedup": {f"{r['tokens']}x{r['read_positions']}": r["speedup"] for r in rows}}
+
+
 def unembedding_section(rows: list[dict]) -> list[str]:
     return [UNEMBED_HEADER, "", "Seconds per attack step (`sae_clamp` on IOI, batch 64, at IOI's length and lengthened "
-            "to refusal's, reading logits at the last position or at refusal's 12) with the read positions handed to the unembedding as one contiguous block (what "
-            "`benchmark` does) against the strided slice the model passes by itself, which torch runs as one "
-            "product per row, each reading the whole 49152 x 576 weight; alternating in one process, median over "
-            "rounds.", "", table(rows, list(rows[0])), ""]
+            "to refusal's, reading logits at the last position or at refusal's 12) with the read positions handed to "
+            "the unembedding as one contiguous block (what `benchmark` does) against the strided slice the model "
+            "passes by itself, which torch runs as one product per row, each reading the whole 49152 x 576 weight; "
+            "alternating in one process, median over rounds.", "", table(rows, list(rows[0])), ""]
 
 
 def update_unembedding(out: Path, steps: int, rounds: int) -> None:
     rows = unembedding(steps, rounds)
-    update_section(out, UNEMBED_HEADER, unembedding_section(rows),
-                   {"unembedding_speedup": {f"{r['tokens']}x{r['read_positions']}": r["speedup"] for r in rows}})
+    update_section(out, UNEMBED_HEADER, unembedding_section(rows), unembedding_keys(rows))
     print(json.dumps(rows, indent=2))
 
 
@@ -619,7 +622,7 @@ def main() -> None:
         "allocator_speedup": ab["speedup"],
         **ceiling_keys(top),
         "soft_suffix_speedup_vs_full_pass": suffix["speedup"],
-        "unembedding_speedup": {f"{r['tokens']}x{r['read_positions']}": r["speedup"] for r in unembed},
+        **unembedding_keys(unembed),
         **battery_keys(battery),
         "cpu_threads": args.threads,
         "device": "cpu",

@@ -40,10 +40,8 @@ def test_update_section_keeps_the_other_headline_keys(tmp_path):
 
 def test_the_strided_unembedding_is_the_model_without_our_hook_and_ours_comes_back(tiny_model, ioi):
     from benchmark.forward import run_edited
-    from tasks.base import encode_prompts
 
-    examples = ioi.examples("test")[:4]
-    batch = encode_prompts(ioi.tokenizer, [e["id"] for e in examples], [e["prompt"] for e in examples], {})
+    batch = ioi.encode(ioi.examples("test")[:4])
     batch.read_len = 2
     head = tiny_model.hf.get_output_embeddings()
     contiguous = []
