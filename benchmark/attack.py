@@ -481,6 +481,53 @@ class RecoveryAttack:
             return 0.0
         return ((att[self.layer] - site_def).abs().max() / (site_def.pow(2).mean().sqrt() + 1e-6)).item()
 
+    def _update(self, chunk: Chunk, delta: Tensor, adam: _Adam, rows: Tensor, cols: slice, grad: Tensor,
+                eps: Tensor) -> None:
+        """One optimizer step on ``delta`` [n, q, d] in place, for ``rows`` of the chunk with the loss gradient
+        ``grad`` [rows, cols, d] and budgets ``eps`` [rows, 1], then the mode's constraints (:meth:`project`)."""
+        self.updates += len(rows)
+        hn = chunk.ref_norm[rows]
+        if self.cfg.optimizer == "adam":
+            direction = adam.direction(rows, cols, grad) / math.sqrt(self.model.d_model)
+        else:
+            direction = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        new = delta[rows].clone()
+        new[:, cols] -= self.cfg.lr * eps[..., None] * hn[:, cols, None] * direction
+        basis = None if chunk.basis is None else chunk.basis[rows]
+        delta[rows] = self.project(new, hn, chunk.slot_mask[rows], eps, basis)
+
+    def push_to_margin(self, batch: PromptBatch, delta: Tensor, eps: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Continue the attack on recovered examples at their own budgets until their behavior margin reaches
+        ``target``: the margin replay's ``delta`` (see :mod:`benchmark.replay`). Residual modes only.
+
+        ``delta`` [n, p, d] (the recovered deltas, as :func:`benchmark.replay.stack_deltas` aligns them), ``eps``
+        [n] each example's recovery budget, ``target`` [n] the margin to reach. Every example gets at most
+        ``steps`` more updates under the same constraints (C1, the cross-site null space, C4 at its budget) and
+        leaves as soon as its margin (:meth:`TaskSuite.behavior`, defense active) is ``>= target``.
+        Returns the continued ``delta`` [n, p, d] and the margin [n] it gives.
+        """
+        chunk = self.prepare(batch)
+        n, p = batch.input_ids.shape
+        delta, adam = delta.clone(), _Adam(delta)
+        reached = torch.empty(n)
+        active = torch.ones(n, dtype=torch.bool)
+        for step in range(self.cfg.steps + 1):
+            idx = active.nonzero()[:, 0]
+            sub = batch.select(idx)
+            cols = slice(p - sub.input_ids.shape[1], p)
+            d = delta[idx, cols].clone().requires_grad_(True)
+            h_site = None if chunk.h_site is None else chunk.h_site[idx][:, cols]
+            read, _ = self._forward(sub, d, h_site=h_site)
+            b = self.task.behavior(read, sub)
+            reached[idx] = b.detach()
+            keep = b.detach() < target[idx]
+            active[idx[~keep]] = False
+            if step == self.cfg.steps or not bool(keep.any()):
+                break
+            self.task.attack_loss(read, sub)[keep].sum().backward()
+            self._update(chunk, delta, adam, idx[keep], cols, d.grad[keep], eps[idx[keep], None].float())
+        return delta, reached
+
     def run_chunk(self, chunk: Chunk, bar=None) -> list[ExampleOutcome]:
         """Attack the examples of one prepared chunk together; outcomes in row order.
 
@@ -531,16 +578,7 @@ class RecoveryAttack:
             eps_rows = eps_all[level[rows]]  # [rows] float64: what the record keeps
             eps = eps_rows[:, None].float()  # [rows, 1]
             steps_used[rows] += 1
-            self.updates += len(rows)
-            hn = chunk.ref_norm[rows]
-            if self.cfg.optimizer == "adam":
-                direction = adam.direction(rows, cols, g) / math.sqrt(self.model.d_model)
-            else:
-                direction = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            new = delta[rows].clone()
-            new[:, cols] -= self.cfg.lr * eps[..., None] * hn[:, cols, None] * direction
-            basis = None if chunk.basis is None else chunk.basis[rows]
-            delta[rows] = self.project(new, hn, chunk.slot_mask[rows], eps, basis)
+            self._update(chunk, delta, adam, rows, cols, g, eps)
             last_eps[rows] = eps_rows
             at_level[rows] += 1
             left = self.cfg.steps - at_level[rows]

@@ -16,12 +16,12 @@ from torch import Tensor
 from benchmark import __version__
 from benchmark.attack import AttackConfig, ExampleOutcome, RecoveryAttack, defense_edits
 from benchmark.base_residuals import BaseResiduals
-from benchmark.forward import capture, compose, next_token_kl, residual_prefix, run_edited, task_forward
+from benchmark.forward import capture, compose, next_token_kl, residual_prefix, run_edited, run_task, task_forward
 from benchmark.metrics import is_valid_flip
 from benchmark.models import LoadedModel
-from benchmark.records import (RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance, record_path,
-                               working_tree_hash, write_record)
-from benchmark.replay import replay_parts, stack_deltas
+from benchmark.records import (PATH_FIELDS, RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance,
+                               record_path, working_tree_hash, write_record)
+from benchmark.replay import PARTS, margin_shares, replay_parts, stack_deltas
 from benchmark.saes import LoadedSAE
 from benchmark.shards import WHOLE, PartialRun, Shard, chunk_rows, fingerprint, partial_path, recorded_fingerprint
 from defenses.base import DEFENSES, Defense, FitContext
@@ -186,24 +186,58 @@ def attack_chunk(attack: RecoveryAttack, batch: PromptBatch, progress: bool,
     """
     outcomes = attack.run(batch, progress=progress)
     recovered = [o.index for o in outcomes if o.recovered]
-    replayed: dict[int, tuple[bool, bool]] = {}
+    paths: dict[int, dict] = {}
     if recovered and attack.layer is not None:  # path replay splits a residual delta (not the soft suffix)
-        rec_batch = batch.select(recovered)
-        delta = stack_deltas(rec_batch, [outcomes[i].delta for i in recovered])
-        replays = replay_parts(attack.model, attack.defense, attack.task, rec_batch, delta, attack.layer, residuals)
-        if replays is not None:
-            replayed = {i: (bool(replays["error"][j] > 0), bool(replays["latent"][j] > 0))
-                        for j, i in enumerate(recovered)}
-    return [_result(batch.ids[o.index], o, replayed.get(o.index)) for o in outcomes]
+        paths = path_attribution(attack, batch.select(recovered), [outcomes[i] for i in recovered], residuals)
+        paths = dict(zip(recovered, paths)) if paths else {}
+    return [_result(batch.ids[o.index], o, paths.get(o.index, {})) for o in outcomes]
 
 
-def _result(example_id: str, o: ExampleOutcome, replay: tuple[bool, bool] | None) -> dict:
+def path_attribution(attack: RecoveryAttack, batch: PromptBatch, outcomes: list[ExampleOutcome],
+                     residuals: BaseResiduals | None) -> list[dict] | None:
+    """Per recovered example of ``batch`` (with its ``outcomes``), the record's path fields
+    (:data:`benchmark.records.PATH_FIELDS`), or None where the defense has no SAE at the attacked site.
+
+    On the ``delta`` that recovered it: each part's share of the margin gain and the binary replay (judged). Then
+    the margin replay: the attack continues at the example's recovery budget until its margin reaches the
+    undefended model's margin on the same example (at most ``steps`` more updates), and the parts of
+    that ``delta`` are replayed again (shares, and whether the part alone gives a margin above 0).
+    """
+    model, defense, task, layer = attack.model, attack.defense, attack.task, attack.layer
+    delta = stack_deltas(batch, [o.delta for o in outcomes])
+    margins = replay_parts(model, defense, task, batch, delta, layer, residuals, judged=False)
+    if margins is None:
+        return None
+    judged = replay_parts(model, defense, task, batch, delta, layer, residuals) if task.confirms else margins
+    shares = margin_shares(margins)
+    with torch.no_grad():
+        target = task.behavior(run_task(model, task, batch, {}, prefix=residual_prefix(residuals, batch)), batch)
+    eps = torch.tensor([o.recovery_budget for o in outcomes])
+    pushed, reached = attack.push_to_margin(batch, delta, eps, target)
+    at_margin = replay_parts(model, defense, task, batch, pushed, layer, residuals, judged=False)
+    margin_shared = margin_shares(at_margin)
+    out = []
+    for j in range(len(batch)):
+        row = {"residual_replay": bool(judged["error"][j] > 0), "latent_replay": bool(judged["latent"][j] > 0),
+               "margin_target": float(target[j]), "margin_b": float(reached[j]),
+               "margin_replay_error": bool(at_margin["error"][j] > 0),
+               "margin_replay_latent": bool(at_margin["latent"][j] > 0)}
+        for part in PARTS:
+            row[f"share_{part}"] = _finite_or_none(shares[part][j])
+            row[f"margin_share_{part}"] = _finite_or_none(margin_shared[part][j])
+        out.append(row)
+    return out
+
+
+def _finite_or_none(x: Tensor) -> float | None:
+    return float(x) if bool(torch.isfinite(x)) else None
+
+
+def _result(example_id: str, o: ExampleOutcome, path: dict) -> dict:
     return {"id": example_id, "b_attacked": o.b_attacked, "recovered": o.recovered, "steps_used": o.steps_used,
             "recovery_budget": o.recovery_budget, "delta_rel": o.delta_rel, "drift_abs": o.drift_abs,
             "drift_rel": o.drift_rel, "reactivation": o.reactivation, "c1_change": o.c1_change,
-            "jacobian_residual_drift": o.jacobian_residual,
-            "residual_replay": None if replay is None else replay[0],
-            "latent_replay": None if replay is None else replay[1],
+            "jacobian_residual_drift": o.jacobian_residual, **{k: path.get(k) for k in PATH_FIELDS},
             "h_norm_mean": o.h_norm_mean, "jacobian_rank": o.jacobian_rank, "jacobian_exact": o.jacobian_exact}
 
 

@@ -121,6 +121,11 @@ def record_files(root: Path = RECORDS_DIR) -> list[Path]:
 #: per-example fields that come from the attack (the rest of a row comes from scoring base and defended)
 ATTACK_FIELDS = ("b_attacked", "recovered", "steps_used", "recovery_budget", "delta_rel", "drift_abs", "drift_rel",
                  "reactivation", "c1_change", "jacobian_residual_drift", "residual_replay", "latent_replay")
+#: per-example path attribution of a recovered example (:func:`benchmark.engine.path_attribution`); a row has them
+#: only where the example was replayed
+SHARE_FIELDS = tuple(f"{prefix}share_{part}" for prefix in ("", "margin_") for part in ("error", "latent", "defended"))
+MARGIN_FIELDS = ("margin_target", "margin_b", "margin_replay_error", "margin_replay_latent")
+PATH_FIELDS = ("residual_replay", "latent_replay", *SHARE_FIELDS, *MARGIN_FIELDS)
 
 
 def _row(scored: dict, result: dict | None) -> dict:
@@ -133,6 +138,7 @@ def _row(scored: dict, result: dict | None) -> dict:
             raise BenchmarkError(f"attack result for '{result['id']}' where '{scored['id']}' was expected; "
                                  "the partial run does not belong to these scores: delete it and run again")
         row.update({k: result[k] for k in ATTACK_FIELDS})
+        row.update({k: result[k] for k in (*SHARE_FIELDS, *MARGIN_FIELDS) if result.get(k) is not None})
     return row
 
 
@@ -169,7 +175,7 @@ def build_record(head: dict, results: list[dict], provenance: dict) -> dict:
     replay = {} if not replayed else {
         "residual": sum(r["residual_replay"] for r in replayed) / len(replayed),
         "latent": sum(r["latent_replay"] for r in replayed) / len(replayed)}
-    counts, metrics = summarize(rows, head["side_effect"], head["defense_edit_rel"], replay)
+    counts, metrics = summarize(rows, head["side_effect"], head["defense_edit_rel"], replay, head["attack"]["eps_sweep"])
     record = {k: head[k] for k in ("schema_version", "benchmark_version", "model", "saes", "defense", "task")}
     record.update(attack=attack_section(head["attack"], results), counts=counts, metrics=metrics,
                   budget_curve=budget_curve(rows, head["attack"]["eps_sweep"]), examples=rows, provenance=provenance)

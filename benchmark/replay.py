@@ -5,8 +5,21 @@ through the SAE at that site: the non-defended latents (``(z_att - z_def)[~F] @ 
 latents (``(z_att - z_def)[F] @ W_dec[F]``) and the SAE error term (``e_att - e_def``), where ``z`` and ``e`` are
 the SAE's latents and error on the undefended inputs ``h`` and ``h + delta``. Each part is replayed alone: a
 real forward pass in which the part is added to the residual *before* the defense acts there (the order the
-threat model fixes for ``delta``) and the defense is active at every site; the replay recovers when the
-behavior score is positive. A defense that removes the error channel therefore also removes the error replay.
+threat model fixes for ``delta``) and the defense is active at every site. A defense that removes the error
+channel therefore also removes the error replay.
+
+Two readings of a replay (DESIGN.md, "path attribution"):
+
+- **share** of a part: ``(b_part - b_def) / (b_att - b_def)``, the fraction of the attack's gain in the behavior
+  margin that the part alone brings, where ``b_def`` is the margin with the defense and no ``delta`` and
+  ``b_att`` with the whole ``delta`` (every ``b`` here is :meth:`TaskSuite.behavior` of one pass, the margin the
+  attacker optimizes, also for a suite judged by generation). Where ``b`` is linear in the residual at the site
+  and the defense's edit is additive over the parts, the three shares sum to 1; their sum's distance from 1 says
+  how far from that the model is.
+- **binary replay**: whether the part alone brings the judged score above 0. On a ``delta`` the attacker stopped
+  at the first ``b > 0`` this says little about paths: a part carrying 90% of a gain that just crossed 0 still
+  falls short of it. The margin replay (:meth:`benchmark.attack.RecoveryAttack.push_to_margin`) asks it again of a
+  ``delta`` pushed to a stated margin.
 """
 
 from __future__ import annotations
@@ -16,10 +29,12 @@ from torch import Tensor
 
 from benchmark.attack import defense_edits
 from benchmark.base_residuals import BaseResiduals
-from benchmark.forward import add, capture, compose, residual_prefix, run_edited, task_forward
+from benchmark.forward import add, capture, compose, residual_prefix, run_edited, run_task, task_forward
 from benchmark.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
+
+PARTS = ("error", "latent", "defended")
 
 
 def stack_deltas(batch: PromptBatch, deltas: list[Tensor]) -> Tensor:
@@ -49,8 +64,10 @@ def split_delta(sae, feats: Tensor, h: Tensor, delta: Tensor, token_mask: Tensor
 
 @torch.no_grad()
 def replay_parts(model: LoadedModel, defense: Defense, task: TaskSuite, batch: PromptBatch, delta: Tensor,
-                 layer: int, residuals: BaseResiduals | None = None) -> dict[str, Tensor] | None:
-    """Behavior scores [b] of each replayed part (``error``, ``latent``, ``defended``); None for non-SAE defenses.
+                 layer: int, residuals: BaseResiduals | None = None, judged: bool = True) -> dict[str, Tensor] | None:
+    """Scores [b] of each replayed part (``error``, ``latent``, ``defended``, see :data:`PARTS`); None for a defense
+    without an SAE at ``layer``. ``judged``: :meth:`TaskSuite.score` (what decides recovery); else the behavior
+    margin of one pass, with the two ends added: ``none`` (no ``delta``: ``b_def``) and ``all`` (``delta``: ``b_att``).
 
     With ``residuals``, the run's store of undefended residuals (at its first defended site or lower, so at or
     below ``layer``, which has an SAE), every pass starts there (nothing below it changes)."""
@@ -63,12 +80,28 @@ def replay_parts(model: LoadedModel, defense: Defense, task: TaskSuite, batch: P
     edits[layer] = compose(capture(seen, layer), edits.get(layer))
     run_edited(model, batch, edits, read_layer=max(edits), prefix=residual_prefix(residuals, batch))
     parts = split_delta(sae, feats, seen[layer], delta, batch.token_mask)
+    if not judged:
+        parts.update(none=None, all=delta)
     scores = {}
     for name, part in parts.items():
         def replay(b: PromptBatch, part=part) -> dict:
             edits = defense_edits(defense, b)
-            edits[layer] = compose(add(part), edits.get(layer))
+            edits[layer] = compose(None if part is None else add(part), edits.get(layer))
             return edits
 
-        scores[name] = task.score(task_forward(model, task, replay, residuals), batch)
+        if judged:
+            scores[name] = task.score(task_forward(model, task, replay, residuals), batch)
+        else:
+            scores[name] = task.behavior(run_task(model, task, batch, replay(batch),
+                                                  prefix=residual_prefix(residuals, batch)), batch)
     return scores
+
+
+def margin_shares(margins: dict[str, Tensor], floor: float = 1e-6) -> dict[str, Tensor]:
+    """Share [b] of the attack's margin gain carried by each part (:data:`PARTS`), from :func:`replay_parts`'s
+    unjudged margins: ``(b_part - b_none) / (b_all - b_none)``; NaN where the gain is below ``floor`` (nothing
+    to share)."""
+    gain = margins["all"] - margins["none"]
+    ok = gain > floor
+    return {p: torch.where(ok, (margins[p] - margins["none"]) / gain.clamp_min(floor), torch.full_like(gain, torch.nan))
+            for p in PARTS}

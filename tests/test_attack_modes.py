@@ -276,7 +276,7 @@ def test_suffix_record_end_to_end(tiny_model, tiny_dir, tmp_path):
 
 
 def _row(valid, recovered, budget=None):
-    return {"valid_flip": valid, "recovered": recovered, "recovery_budget": budget}
+    return {"valid_flip": valid, "recovered": recovered, "recovery_budget": budget, "b_base": 1.0}
 
 
 def test_budget_curve_counts_flips_recovered_within_each_budget():
@@ -286,6 +286,7 @@ def test_budget_curve_counts_flips_recovered_within_each_budget():
     assert [c["eps_rel"] for c in curve] == [0.01, 0.02, 0.05, 0.1]
     assert [c["recovered"] for c in curve] == [1, 2, 3, 3]
     assert [c["recovery_rate"] for c in curve] == [0.25, 0.5, 0.75, 0.75]
+    assert [c["robust_suppression"] for c in curve] == pytest.approx([0.6, 0.4, 0.2, 0.2])  # suppression 4/5
     assert [c["recovery_rate"] for c in budget_curve([_row(False, False)], (0.1,))] == [None]
 
 
@@ -445,3 +446,92 @@ def test_constructed_saes_are_what_the_replay_tests_claim():
     err = h - exact.decode(exact.encode(h))
     assert float(err.abs().max()) < 1e-3 * float(h.abs().max())
     assert not math.isnan(float(err.sum()))
+
+
+# -- shares of the margin gain and the margin replay ---------------------------------------------------------------
+
+
+def test_shares_sum_to_one_for_a_linear_readout():
+    """Known answer: with a readout linear in the residual, ``b(h + x) = w . (h + x)``, the three parts of an exact
+    split add up to ``delta``, so their shares of the gain ``b(h + delta) - b(h)`` sum to 1."""
+    from benchmark.replay import PARTS, margin_shares
+
+    torch.manual_seed(3)
+    w_enc = torch.randn(64, 32) / 8
+    sae = _constructed_sae(w_enc, torch.randn(32, 64) / 8, torch.zeros(32), 0.0).sae
+    h, delta, w = torch.randn(5, 7, 64) * 3, torch.randn(5, 7, 64) * 3, torch.randn(64)
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    parts = split_delta(sae, torch.tensor([0, 1, 2]), h, delta, mask)
+    readout = lambda x: (x @ w).sum(1)  # noqa: E731
+    margins = {p: readout(h + parts[p]) for p in PARTS}
+    margins.update(none=readout(h), all=readout(h + delta))
+    shares = margin_shares(margins)
+    total = sum(shares[p] for p in PARTS)
+    assert torch.allclose(total[(margins["all"] - margins["none"]) > 1e-3], torch.ones(1), atol=1e-4)
+    assert all(float(parts[p].norm()) > 1e-2 * float(delta.norm()) for p in PARTS), "every part is some of delta"
+    no_gain = margin_shares({**margins, "all": margins["none"]})
+    assert all(bool(torch.isnan(no_gain[p]).all()) for p in PARTS)
+
+
+def test_error_share_is_one_when_the_error_term_carries_delta(tiny_model, ioi):
+    """The construction of :func:`test_replay_recovery_carried_by_the_sae_error_term` (``delta`` in the null space
+    of the narrow SAE's encoder, so all of it is the error part): replayed margins give an error share of 1 and
+    latent and defended shares of 0, through real forward passes with the defense active."""
+    from benchmark.replay import margin_shares
+
+    torch.manual_seed(0)
+    w_enc = torch.randn(64, 32) / 8
+    sae = _constructed_sae(w_enc, w_enc.T / w_enc.T.norm(dim=-1, keepdim=True), torch.zeros(32), 0.05)
+    defense = _clamp_with(tiny_model, ioi, sae, [0, 1, 2, 3], "negative", -4.0)
+    batch = _suppressed(tiny_model, ioi, defense)
+    delta, b = _ascend(tiny_model, defense, ioi, batch, _orth_complement(w_enc))
+    margins = replay_parts(tiny_model, defense, ioi, batch, delta, 2, judged=False)
+    assert torch.allclose(margins["all"], b, atol=1e-4)
+    shares = margin_shares(margins)
+    moved = ~torch.isnan(shares["error"])
+    assert moved.sum() >= 4
+    assert torch.allclose(shares["error"][moved], torch.ones(1), atol=1e-3)
+    assert float(shares["latent"][moved].abs().max()) < 1e-3 and float(shares["defended"][moved].abs().max()) < 1e-3
+
+
+def test_push_to_margin_raises_the_margin_within_the_constraints(tiny_model, ioi, fitted_clamp):
+    """Continued at its recovery budget, a just-recovered example's margin rises towards the target, C1 still
+    holds (defended pre-activations at the site unchanged) and every position stays within its budget."""
+    from benchmark.replay import stack_deltas
+
+    flips = ioi.encode(ioi.examples("test"))
+    b_base = behavior_scores(tiny_model, ioi, flips, None)
+    b_def = behavior_scores(tiny_model, ioi, flips, fitted_clamp)
+    flips = flips.select(((b_base > 0) & (b_def <= 0)).nonzero()[:, 0])
+    attack = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(mode="encoder", eps=(0.1, 0.3, 0.5), steps=15))
+    outcomes = attack.run(flips, progress=False)
+    rec = [o for o in outcomes if o.recovered]
+    assert len(rec) >= 2
+    batch = flips.select([o.index for o in rec])
+    delta = stack_deltas(batch, [o.delta for o in rec])
+    eps = torch.tensor([o.recovery_budget for o in rec])
+    target = torch.tensor([o.b_attacked for o in rec]) + 1.0
+    pushed, reached = attack.push_to_margin(batch, delta, eps, target)
+    assert (reached >= torch.tensor([o.b_attacked for o in rec]) - 1e-4).all()
+    assert (reached > torch.tensor([o.b_attacked for o in rec]) + 0.1).any()
+    h = site_input(tiny_model, fitted_clamp, batch, 2)
+    mask = batch.token_mask
+    before, after = fitted_clamp.readouts(2, h), fitted_clamp.readouts(2, h + pushed)
+    assert float((after - before)[mask].abs().max() / before[mask].pow(2).mean().sqrt()) < 1e-4
+    assert (pushed.norm(dim=-1) <= eps[:, None] * h.norm(dim=-1) * (1 + 1e-4) + 1e-6).all()
+
+
+def test_path_fields_in_the_record(tiny_run):
+    """Every recovered example of an SAE clamp run is replayed: shares, margin target and the margin replay, and
+    the record's medians are those of its rows."""
+    import statistics
+
+    record, _ = tiny_run
+    rec = [e for e in record["examples"] if e["recovered"]]
+    assert rec and record["counts"]["path_replayed"] == len(rec)
+    assert all("margin_target" in e and "margin_replay_error" in e for e in rec)
+    shares = [e["share_error"] for e in rec if e.get("share_error") is not None]
+    assert record["metrics"]["share_error_median"] == pytest.approx(statistics.median(shares))
+    assert record["metrics"]["margin_reached_rate"] == pytest.approx(
+        sum(e["margin_b"] >= e["margin_target"] for e in rec) / len(rec))
+    assert not any("margin_target" in e for e in record["examples"] if not e["recovered"])
