@@ -75,14 +75,30 @@ def site_input(model, defense, batch, layer: int = 2):
     return seen[layer]
 
 
-def committed_record_as(defense: str, suite: str, mode: str, robust: float, budget: float | None = 0.01) -> dict:
-    """A committed run record relabelled as ``defense`` on ``suite`` with ``mode``, and the given robust
-    suppression and median recovery budget (for leaderboard and battery tests)."""
+def committed_record_as(defense: str, suite: str, mode: str, budget: float | None = 0.01, flips: int | None = None,
+                        side_effect: float = 0.1) -> dict:
+    """A committed run record relabelled as ``defense`` on ``suite`` with ``mode``, whose valid flips (the first
+    ``flips`` of them, the others made non-flips) are all recovered at ``budget`` (None: never recovered), with
+    ``side_effect``; counts and metrics recomputed from the rows (for leaderboard and battery tests)."""
+    import copy
     import json
 
+    from benchmark.metrics import summarize
     from benchmark.records import RECORDS_DIR
 
     r = json.loads((RECORDS_DIR / "smollm2-135m-instruct" / "sae_clamp" / "ioi__encoder.json").read_text())
     r["defense"]["name"], r["task"]["name"], r["attack"]["mode"] = defense, suite, mode
-    r["metrics"].update(robust_suppression=robust, recovery_budget_median=budget)
+    kept = 0
+    for row in r["examples"]:
+        if not row["valid_flip"]:
+            continue
+        kept += 1
+        if flips is not None and kept > flips:
+            row.update(valid_flip=False, b_defended=abs(row["b_base"]), recovered=False, recovery_budget=None)
+            continue
+        row.update(recovered=budget is not None, recovery_budget=budget,
+                   b_attacked=1.0 if budget is not None else -1.0)
+    r["examples"] = [copy.deepcopy(row) for row in r["examples"]]
+    r["counts"], r["metrics"] = summarize(r["examples"], side_effect, r["metrics"].get("defense_edit_rel"), {},
+                                          r["attack"]["eps_sweep"])
     return r

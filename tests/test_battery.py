@@ -44,7 +44,7 @@ def test_coverage_lists_a_written_record_and_only_it(tmp_path, capsys):
     run = ("sae_clamp", "ioi", "none")
     path = tmp_path / MODEL / "sae_clamp" / "ioi__none.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(committed_record_as(*run, robust=0.0)))
+    path.write_text(json.dumps(committed_record_as(*run)))
     have = coverage(tmp_path)
     assert have[run] == path and sum(p is not None for p in have.values()) == 1
 
@@ -55,7 +55,7 @@ def test_coverage_lists_a_written_record_and_only_it(tmp_path, capsys):
 
 
 def test_leaderboard_coverage_marks_missing_modes_and_counts_recorded_runs(tmp_path):
-    records = [(tmp_path / f"{i}.json", committed_record_as(*run, robust=0.0)) for i, run in
+    records = [(tmp_path / f"{i}.json", committed_record_as(*run)) for i, run in
                enumerate([("sae_clamp", "ioi", "encoder"), ("sae_clamp", "ioi", "none"), ("alpha", "ioi", "encoder")])]
     note, rows = coverage_table(standings(records))
     assert note.startswith(f"2 of {len(planned_runs())} planned runs")  # alpha is not in the plan

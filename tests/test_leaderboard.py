@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from benchmark.errors import BenchmarkError
-from benchmark.leaderboard import (LEADERBOARD_DIR, README, README_END, README_START, SUITES, _rank_key, load_records,
+from benchmark.leaderboard import (LEADERBOARD_DIR, README, README_END, README_START, SUITES, load_records,
                                    render_files, splice_readme, write_leaderboard)
+from benchmark.metrics import MIN_FLIPS, SIDE_EFFECT_CAP
+from benchmark.ranking import OVER_CAP, standings
 from benchmark.records import shard_path
 from conftest import committed_record_as as _record
 
@@ -23,26 +25,36 @@ def test_committed_leaderboard_regenerates_byte_for_byte():
         assert path.read_text() == text, f"{path} is stale: run `benchmark leaderboard` and commit the result"
 
 
-def test_leaderboard_ranks_a_defense_without_flips_last(tiny_run):
-    nothing = copy.deepcopy(tiny_run[0])
-    nothing["counts"]["valid_flips"] = 0
-    nothing["metrics"].update(robust_suppression=0.0, recovery_budget_median=None)
-    broken = copy.deepcopy(tiny_run[0])
-    broken["metrics"].update(robust_suppression=0.0, recovery_budget_median=0.01)
-    held = copy.deepcopy(tiny_run[0])
-    held["metrics"].update(robust_suppression=0.0, recovery_budget_median=None)
-    keys = [_rank_key([r]) for r in (held, broken, nothing)]
-    assert keys == sorted(keys), "never recovered < recovered at a small budget < nothing suppressed"
+def test_ranking_orders_by_the_area_under_the_budget_curve():
+    """Every flip recovered (the same final recovery rate), but at larger budgets ranks higher; never recovered
+    highest; a defense whose curve equals another's ties with it, and one without enough flips comes last."""
+    runs = {"small": 0.002, "large": 0.2, "large_too": 0.2, "never": None}
+    entries = [(Path(f"{d}.json"), _record(d, "ioi", "encoder", b)) for d, b in runs.items()]
+    entries.append((Path("few.json"), _record("few", "ioi", "encoder", None, flips=MIN_FLIPS - 1)))
+    table = standings(entries)
+    assert [s.defense for s in table] == ["never", "large", "large_too", "small", "few"]
+    assert [s.rank for s in table] == [1, 2, 2, 4, 5]
+    assert table[-1].mean_auc is None and table[-1].counted == 0
+    supp = table[0].cells["ioi"].record["metrics"]["suppression_rate"]
+    assert table[0].mean_auc == pytest.approx(supp), "never recovered: robust suppression is flat at suppression"
+
+
+def test_side_effect_over_the_cap_counts_as_zero():
+    held = (Path("a.json"), _record("breaks", "ioi", "encoder", None, side_effect=SIDE_EFFECT_CAP * 2))
+    mild = (Path("b.json"), _record("mild", "ioi", "encoder", 0.2))
+    table = standings([held, mild])
+    assert [s.defense for s in table] == ["mild", "breaks"]
+    assert table[1].mean_auc == 0.0 and table[1].cells["ioi"].status == OVER_CAP
 
 
 @pytest.fixture
 def synthetic(tmp_path):
-    """Records of three defenses over two of the four suites, with a shard file beside them."""
+    """Records of four defenses over two of the four suites, with a shard file beside them."""
     root = tmp_path / "records"
-    records = [_record("alpha", "ioi", "encoder", 0.4), _record("alpha", "ioi", "soft_suffix", 0.0),
-               _record("alpha", "tpp", "jacobian", 0.2), _record("alpha", "tpp", "encoder", 0.3),
-               _record("beta", "ioi", "encoder", 0.5), _record("beta", "ioi", "none", 0.0),
-               _record("gamma", "ioi", "encoder", 0.0, budget=0.2), _record("delta", "ioi", "encoder", 0.0)]
+    records = [_record("alpha", "ioi", "encoder", None), _record("alpha", "ioi", "soft_suffix", 0.001),
+               _record("alpha", "tpp", "jacobian", 0.02), _record("alpha", "tpp", "encoder", 0.1),
+               _record("beta", "ioi", "encoder", None), _record("beta", "ioi", "none", 0.001),
+               _record("gamma", "ioi", "encoder", 0.05), _record("delta", "ioi", "encoder", 0.001, flips=3)]
     for r in records:
         path = root / "smollm2-135m-instruct" / r["defense"]["name"] / f"{r['task']['name']}__{r['attack']['mode']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,31 +71,33 @@ def test_tables_rank_on_constrained_attacks_and_dash_missing_suites(synthetic):
     text = files[out / "README.md"]
     main = text.split("### Ranking")[1].split("###")[0]
     rows = [line for line in main.splitlines() if line.startswith("| ") and "defense" not in line]
-    # beta 0.5 (ioi); alpha mean of ioi 0.4 and tpp 0.2 (the strongest constrained attack; soft_suffix never
-    # counts); gamma and delta 0.0, gamma's larger recovery budget first
+    # beta: ioi never recovered; alpha: the mean of ioi (never recovered) and tpp's weaker attack, jacobian
+    # (recovered at 0.02; soft_suffix never counts); gamma: recovered at 0.05; delta: 3 flips, out of the ranking
     assert [r.split("|")[2].strip() for r in rows] == ["beta", "alpha", "gamma", "delta"]
     assert [r.split("|")[1].strip() for r in rows] == ["1", "2", "3", "4"]
-    cells = [c.strip() for c in rows[0].split("|")[4:-1]]
+    cells = [c.strip() for c in rows[0].split("|")[6:-1]]
     assert len(cells) == len(SUITES) and cells[SUITES.index("tpp")] == "–" and cells[SUITES.index("wmdp_bio")] == "–"
-    assert "[encoder](../records/smollm2-135m-instruct/beta/ioi__encoder.json)" in cells[SUITES.index("ioi")]
-    assert "**20.0%** · [jacobian]" in rows[1], "alpha ranks on tpp's jacobian attack (lower robust suppression)"
+    assert "flips](../records/smollm2-135m-instruct/beta/ioi__encoder.json)" in cells[SUITES.index("ioi")]
+    assert "../records/smollm2-135m-instruct/alpha/tpp__jacobian.json" in rows[1], "alpha ranks on tpp's jacobian"
+    assert "too few flips (3)" in rows[3] and "0 of 4" in rows[3]
 
     ioi = text.split("### ioi: every attack mode")[1].split("###")[0]
-    assert "soft_suffix (eps≤0.5)" in ioi and "none (eps≤0.5)" in ioi and "residual replay" in ioi
+    assert "soft_suffix (eps≤0.5)" in ioi and "none (eps≤0.5)" in ioi and "margin replay" in ioi
     assert "No records yet." in text.split("### wmdp_bio: every attack mode")[1].split("###")[0]
 
     table = list(csv.DictReader(io.StringIO(files[out / "leaderboard.csv"])))
     assert len(table) == 8 and {r["defense"] for r in table} == {"alpha", "beta", "gamma", "delta"}
     ranked = {(r["defense"], r["suite"], r["attack"]) for r in table if r["ranked"] == "true"}
     assert ("alpha", "tpp", "jacobian") in ranked and ("alpha", "ioi", "soft_suffix") not in ranked
+    assert all(r["robust_suppression_auc"] != "" for r in table)
 
     html = files[out / "index.html"]
-    assert html.count("<svg") == 4, "recovery against drift, budget curves for ioi and tpp, suppression against side effect"
-    assert '<a href="../records/smollm2-135m-instruct/beta/ioi__encoder.json">encoder</a>' in html
+    assert html.count("<svg") == 2, "budget curves and the side-effect plane, one panel per suite each"
+    assert '<a href="../records/smollm2-135m-instruct/beta/ioi__encoder.json">' in html
 
     spliced = files[readme]
     assert spliced.startswith("# Project\n\n" + README_START) and spliced.endswith(README_END + "\n\nMore text.\n")
-    assert "old table" not in spliced and "[encoder](records/smollm2-135m-instruct/beta/ioi__encoder.json)" in spliced
+    assert "old table" not in spliced and "(records/smollm2-135m-instruct/beta/ioi__encoder.json)" in spliced
     assert render_files(load_records(root), out, readme) == files, "the same records give the same bytes"
 
 
