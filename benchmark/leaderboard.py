@@ -28,7 +28,8 @@ from benchmark.metrics import HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CAP
 from benchmark.models import DEFAULT_MODEL
 from benchmark.paper import PAPER_HEADERS, PAPER_NOTE, paper_rows
 from benchmark.plots import figures
-from benchmark.ranking import COUNTED, OVER_CAP, SUITES, Cell, Entry, Score, Standing, standings
+from benchmark.ranking import (COUNTED, OVER_CAP, SUITES, Cell, Entry, Score, Standing, cells, standings,
+                               threat_model)
 from benchmark.records import RECORDS_DIR, REPO_ROOT, load_record, record_files, schema, write_text_atomic
 
 LEADERBOARD_DIR = RECORDS_DIR.parent
@@ -39,16 +40,17 @@ RANKING_NOTE = (
     "Defenses are ranked by **robust suppression over the budget range**: for each suite, the share of examples "
     "with base behavior that the defense suppresses and the attacker does not recover, as a function of the "
     "attacker's budget `||delta|| / ||h||` per position, averaged over log-budget across the swept budgets "
-    f"(0.001-0.5); the defense's score is the mean over suites of its weakest constrained attack (encoder or "
-    f"jacobian). A suite with fewer than {MIN_FLIPS} valid flips shows its count and stays out of the mean; a suite "
+    f"(0.001-0.5), worst case per example over the feature-preserving attacks run (encoder, jacobian: an example "
+    f"counts as recovered if any of them recovered it, at the smallest budget any needed); the defense's score is "
+    f"the mean over suites. A suite with fewer than {MIN_FLIPS} valid flips shows its count and stays out of the mean; a suite "
     f"whose side effect (next-token KL on control text) exceeds {SIDE_EFFECT_CAP:g} nat counts as 0 (the "
     f"suppression is bought by breaking the model). Ties: robust suppression at the headline budget "
     f"{HEADLINE_BUDGET:g}. Definitions and the reasons for each choice: DESIGN.md (\"Ranking\"); each metric is "
     "computed once, in `benchmark/metrics.py`.")
 MAIN_LEGEND = (
-    "Each suite's cell: **robust suppression over the budget range** · side effect (KL, nats) · valid flips (the "
-    "evidence), linking to the record it comes from (the weakest constrained attack). Every other figure of that "
-    "record is in the suite's table of the full leaderboard. `–`: no record yet.")
+    "Each suite's cell: **robust suppression over the budget range**, worst case per example over the "
+    "feature-preserving attacks it was checked against (linked: their records) · side effect (KL, nats) · valid "
+    "flips (the evidence). Every other figure is in the suite's table of the full leaderboard. `–`: no record yet.")
 SUITE_LEGEND = (
     "Every record of the suite: all attack modes, the soft-suffix baseline (no residual access) for comparison. "
     f"Robust suppression at the largest budget, at the headline budget {HEADLINE_BUDGET:g}, and over the budget range "
@@ -56,7 +58,8 @@ SUITE_LEGEND = (
     "[quartiles], the shares' sum, and the margin replay (the attack continued to the undefended margin; share of "
     "examples whose error / non-defended-latent part alone then recovers, over n replayed); binary replay of the "
     "just-recovered delta (error / latent part alone crossing 0: weak evidence about paths, see README). "
-    "**Bold**: the attack the defense is ranked on.")
+    "**Bold**: the attacks the defense is ranked on; a *worst case* row per threat model with more than one attack "
+    "(an example counts as recovered if any attack recovered it, at the smallest budget any needed).")
 
 
 def load_records(root: Path = RECORDS_DIR) -> list[Entry]:
@@ -96,13 +99,13 @@ def _href(path: Path, base: Path) -> str:
 
 
 def _suite_cell(cell: Cell, base: Path) -> str:
-    link = f"[{cell.flips} flips]({_href(cell.path, base)})"
+    checked = " ".join(f"[{r['attack']['mode']}]({_href(p, base)})" for p, r in cell.entries)
     side = f"KL {_num(cell.side_effect)}"
     if cell.status == COUNTED:
-        return f"**{_pct(cell.score.auc)}** · {side} · {link}"
+        return f"**{_pct(cell.score.auc)}** · {side} · {cell.flips} flips · vs {checked}"
     if cell.status == OVER_CAP:
-        return f"**0** ({_pct(cell.score.auc)}, {side} > {SIDE_EFFECT_CAP:g}) · {link}"
-    return f"too few flips ({cell.flips}) · {side} · [record]({_href(cell.path, base)})"
+        return f"**0** ({_pct(cell.score.auc)}, {side} > {SIDE_EFFECT_CAP:g}) · {cell.flips} flips · vs {checked}"
+    return f"too few flips ({cell.flips}) · {side} · vs {checked}"
 
 
 MAIN_HEADERS = ["rank", "defense", "robust suppression (area over budget)", f"at budget {HEADLINE_BUDGET:g}",
@@ -140,7 +143,7 @@ def suite_rows(standing: list[Standing], suite: str, base: Path) -> list[list[st
                 continue
             m, c, score = r["metrics"], r["counts"], Score.of(r)
             attack = f"{r['attack']['mode']} (eps≤{r['attack']['eps_rel']:g})"
-            ranked = suite in s.cells and s.cells[suite].record is r
+            ranked = suite in s.cells and any(rec is r for _, rec in s.cells[suite].entries)
             rows.append([str(s.rank), s.defense, f"**{attack}**" if ranked else attack, _pct(m["suppression_rate"]),
                          _ci(m, c), _pct(m["robust_suppression"]), _pct(score.headline), _pct(score.auc),
                          _num(m["recovery_budget_median"]), f"{_num(m['drift_rel'])} / {_num(m['drift_abs'])}",
@@ -149,6 +152,11 @@ def suite_rows(standing: list[Standing], suite: str, base: Path) -> list[list[st
                          f"{_pct(m['residual_replay_recovery'])} / {_pct(m['latent_replay_recovery'])}",
                          f"{c['valid_flips']} of {c['base_behavior']}", _suite_metrics(r), _commit(r),
                          f"[json]({_href(path, base)})"])
+        for model in sorted({threat_model(r) for _, r in s.entries if r["task"]["name"] == suite}):
+            cell = cells(s.entries, model).get(suite)
+            if cell is not None and len(cell.entries) > 1:
+                rows.append([str(s.rank), s.defense, f"*worst case · {model}* ({' + '.join(cell.attacks)})", "", "",
+                             "", _pct(cell.score.headline), _pct(cell.score.auc), *[""] * (len(SUITE_HEADERS) - 8)])
     return rows
 
 
@@ -256,7 +264,7 @@ def render_csv(models: list[tuple[str, list[Standing]]], base: Path) -> str:
         for s in standing:
             for path, r in s.entries:
                 cell = s.cells.get(r["task"]["name"])
-                ranked = cell is not None and cell.record is r
+                ranked = cell is not None and any(rec is r for _, rec in cell.entries)
                 score = Score.of(r)  # records older than these metrics get them from their examples too
                 metrics = {**r["metrics"], "robust_suppression_auc": score.auc,
                            "robust_suppression_headline": score.headline, "headline_budget": HEADLINE_BUDGET}

@@ -1,8 +1,11 @@
-"""How the leaderboard ranks defenses (DESIGN.md, "Ranking"), from run records alone.
+"""How the leaderboard ranks defenses (DESIGN.md, "Ranking" and "Attacks and threat models"), from run records alone.
 
-Per defense and suite one **cell**: of its records under the constrained attacks (:data:`RANKED_MODES`), the one
-with the lowest robust suppression over the budget range (the weakest the defense looked). A cell's score is that
-area (:func:`benchmark.metrics.robust_suppression_auc`); a cell with fewer than :data:`MIN_FLIPS` valid flips
+Every attack belongs to a threat model (:data:`THREAT_MODELS`). Per defense, suite and threat model one **cell**:
+the **worst case per example** over every record of an attack in that threat model: an example is recovered if any
+attack recovered it, at the smallest budget any attack needed (:func:`worst_case`). The ranking uses the
+feature-preserving threat model (:data:`RANKED_THREAT_MODEL`). A cell's score is robust suppression over the budget
+range of those worst-case rows (:func:`benchmark.metrics.robust_suppression_auc`); a cell with fewer than
+:data:`MIN_FLIPS` valid flips
 shows its count and stays out of the mean; a cell whose side effect exceeds :data:`SIDE_EFFECT_CAP` counts as 0
 (the suppression is bought by breaking the model). A defense's score is the mean over its counted cells; ties
 (equal means) are broken by the mean robust suppression at the headline budget, and defenses with no counted
@@ -19,11 +22,14 @@ from benchmark.metrics import (HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CAP, robu
                                robust_suppression_auc)
 from benchmark.records import schema
 
-#: the attacks a defense is ranked on: the constrained residual attacks (the others are shown for comparison)
-RANKED_MODES = ("encoder", "jacobian")
+#: the threat model of each attack of a record that does not state one (records written before attacks declared it)
+THREAT_MODELS = {"encoder": "feature_preserving", "jacobian": "feature_preserving", "soft_suffix": "input_space",
+                 "none": "unconstrained"}
+#: the threat model a defense is ranked on: residual attacks that keep the defended readouts where the defense put
+#: them (input-space attacks and the unconstrained ceiling are shown beside it)
+RANKED_THREAT_MODEL = "feature_preserving"
 SUITES: tuple[str, ...] = tuple(schema()["properties"]["task"]["properties"]["name"]["enum"])
-MODES: tuple[str, ...] = RANKED_MODES + tuple(
-    m for m in schema()["properties"]["attack"]["properties"]["mode"]["enum"] if m not in RANKED_MODES)
+MODES: tuple[str, ...] = ("encoder", "jacobian", "soft_suffix", "none")
 
 Entry = tuple[Path, dict]
 
@@ -40,18 +46,65 @@ class Score:
 
     @classmethod
     def of(cls, record: dict) -> "Score":
-        rows, sweep = record["examples"], sorted(record["attack"]["eps_sweep"])
+        return cls.of_rows(record["examples"], record["attack"]["eps_sweep"])
+
+    @classmethod
+    def of_rows(cls, rows: list[dict], eps_sweep) -> "Score":
+        sweep = sorted(eps_sweep)
         curve = tuple((e, r) for e in sweep if (r := robust_suppression_at(rows, e)) is not None)
         return cls(robust_suppression_auc(rows, sweep), robust_suppression_at(rows, HEADLINE_BUDGET), curve)
 
 
+def threat_model(record: dict) -> str:
+    """The threat model of a record's attack: as the record states it, else by its attack mode."""
+    return record["attack"].get("threat_model") or THREAT_MODELS[record["attack"]["mode"]]
+
+
+def worst_case(records: list[dict]) -> list[dict]:
+    """Per example, the worst case for the defense over ``records`` (runs of one defense on one suite, different
+    attacks): ``recovered`` if any attack recovered it, ``recovery_budget`` the smallest any attack needed. The
+    base and defended scores do not depend on the attack; records that disagree on them (or on their examples)
+    belong to different fits and raise ``ValueError``."""
+    first = records[0]["examples"]
+    for r in records[1:]:
+        if [(e["id"], e["valid_flip"]) for e in r["examples"]] != [(e["id"], e["valid_flip"]) for e in first]:
+            raise ValueError(f"records of {records[0]['defense']['name']} on {records[0]['task']['name']} disagree "
+                             "on their examples or valid flips: they come from different fits")
+    rows = []
+    for i, row in enumerate(first):
+        hits = [r["examples"][i] for r in records if r["examples"][i]["recovered"]]
+        budgets = [h["recovery_budget"] for h in hits if h["recovery_budget"] is not None]
+        rows.append({"id": row["id"], "b_base": row["b_base"], "valid_flip": row["valid_flip"],
+                     "recovered": bool(hits), "recovery_budget": min(budgets) if budgets else None})
+    return rows
+
+
 @dataclass(frozen=True)
 class Cell:
-    """The record one defense is ranked on for one suite."""
+    """One defense on one suite within one threat model: the worst case over the attacks run in it."""
 
-    path: Path
-    record: dict
+    entries: list[Entry]  # the records, in mode order
     score: Score
+
+    @classmethod
+    def of(cls, entries: list[Entry]) -> "Cell":
+        records = [r for _, r in entries]
+        sweep = sorted({e for r in records for e in r["attack"]["eps_sweep"]})
+        return cls(entries, Score.of_rows(worst_case(records), sweep))
+
+    @property
+    def record(self) -> dict:
+        """The first record (suppression, side effect and counts do not depend on the attack)."""
+        return self.entries[0][1]
+
+    @property
+    def path(self) -> Path:
+        return self.entries[0][0]
+
+    @property
+    def attacks(self) -> list[str]:
+        """The attacks this cell was checked against."""
+        return [r["attack"]["mode"] for _, r in self.entries]
 
     @property
     def flips(self) -> int:
@@ -75,20 +128,15 @@ class Cell:
         return {COUNTED: value, OVER_CAP: 0.0, TOO_FEW: None}[self.status]
 
 
-def cells(entries: list[Entry]) -> dict[str, Cell]:
-    """Per suite, the cell of one defense's records: its constrained record with the lowest area (the first in
-    mode order on ties); suites without one are left out."""
-    best: dict[str, Cell] = {}
+def cells(entries: list[Entry], model: str = RANKED_THREAT_MODEL) -> dict[str, Cell]:
+    """Per suite, the cell of one defense's records within threat model ``model`` (the worst case over its
+    attacks); suites without a record in it, or without examples with base behavior, are left out."""
+    grouped: dict[str, list[Entry]] = defaultdict(list)
     for path, r in sorted(entries, key=lambda e: MODES.index(e[1]["attack"]["mode"])):
-        if r["attack"]["mode"] not in RANKED_MODES:
-            continue
-        cell = Cell(path, r, Score.of(r))
-        if cell.score.auc is None:
-            continue
-        task = r["task"]["name"]
-        if task not in best or cell.score.auc < best[task].score.auc:
-            best[task] = cell
-    return best
+        if threat_model(r) == model:
+            grouped[r["task"]["name"]].append((path, r))
+    made = {task: Cell.of(es) for task, es in grouped.items()}
+    return {task: c for task, c in made.items() if c.score.auc is not None}
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -71,18 +71,22 @@ def test_tables_rank_on_constrained_attacks_and_dash_missing_suites(synthetic):
     text = files[out / "README.md"]
     main = text.split("### Ranking")[1].split("###")[0]
     rows = [line for line in main.splitlines() if line.startswith("| ") and "defense" not in line]
-    # beta: ioi never recovered; alpha: the mean of ioi (never recovered) and tpp's weaker attack, jacobian
-    # (recovered at 0.02; soft_suffix never counts); gamma: recovered at 0.05; delta: 3 flips, out of the ranking
+    # beta: ioi never recovered; alpha: the mean of ioi (never recovered) and tpp's worst case over encoder and
+    # jacobian (recovered at 0.02; soft_suffix never counts); gamma: recovered at 0.05; delta: 3 flips, out of the ranking
     assert [r.split("|")[2].strip() for r in rows] == ["beta", "alpha", "gamma", "delta"]
     assert [r.split("|")[1].strip() for r in rows] == ["1", "2", "3", "4"]
     cells = [c.strip() for c in rows[0].split("|")[6:-1]]
     assert len(cells) == len(SUITES) and cells[SUITES.index("tpp")] == "–" and cells[SUITES.index("wmdp_bio")] == "–"
-    assert "flips](../records/smollm2-135m-instruct/beta/ioi__encoder.json)" in cells[SUITES.index("ioi")]
-    assert "../records/smollm2-135m-instruct/alpha/tpp__jacobian.json" in rows[1], "alpha ranks on tpp's jacobian"
+    assert "vs [encoder](../records/smollm2-135m-instruct/beta/ioi__encoder.json)" in cells[SUITES.index("ioi")]
+    assert ("vs [encoder](../records/smollm2-135m-instruct/alpha/tpp__encoder.json) "
+            "[jacobian](../records/smollm2-135m-instruct/alpha/tpp__jacobian.json)") in rows[1], \
+        "alpha's tpp cell is the worst case over both feature-preserving attacks"
     assert "too few flips (3)" in rows[3] and "0 of 4" in rows[3]
 
     ioi = text.split("### ioi: every attack mode")[1].split("###")[0]
     assert "soft_suffix (eps≤0.5)" in ioi and "none (eps≤0.5)" in ioi and "margin replay" in ioi
+    tpp = text.split("### tpp: every attack mode")[1].split("###")[0]
+    assert "*worst case · feature_preserving* (encoder + jacobian)" in tpp
     assert "No records yet." in text.split("### wmdp_bio: every attack mode")[1].split("###")[0]
 
     table = list(csv.DictReader(io.StringIO(files[out / "leaderboard.csv"])))
@@ -111,3 +115,33 @@ def test_write_leaderboard_writes_every_file(synthetic):
 def test_readme_without_markers_is_an_error(tmp_path):
     with pytest.raises(BenchmarkError, match="leaderboard:start"):
         splice_readme("# no markers\n", "section", Path("README.md"))
+
+
+def test_worst_case_per_example_over_the_attacks_of_a_threat_model():
+    """Two feature-preserving attacks, each recovering a different half of the flips at a different budget: the
+    cell counts an example as recovered if either did, at the smaller budget; the unconstrained ceiling and the
+    input-space attack do not enter it."""
+    from benchmark.ranking import cells, worst_case
+
+    enc = _record("split", "ioi", "encoder", 0.01)
+    jac = _record("split", "ioi", "jacobian", 0.1)
+    flips = [i for i, e in enumerate(enc["examples"]) if e["valid_flip"]]
+    half = set(flips[: len(flips) // 2])
+    for i in flips:  # encoder recovers the first half (at 0.01), jacobian the second (at 0.1)
+        (jac if i in half else enc)["examples"][i].update(recovered=False, recovery_budget=None, b_attacked=-1.0)
+    ceiling = _record("split", "ioi", "none", 0.001)
+    rows = worst_case([enc, jac])
+    assert all(rows[i]["recovered"] for i in flips)
+    assert [rows[i]["recovery_budget"] for i in flips] == [0.01 if i in half else 0.1 for i in flips]
+    cell = cells([(Path("e.json"), enc), (Path("j.json"), jac), (Path("n.json"), ceiling)])["ioi"]
+    assert cell.attacks == ["encoder", "jacobian"]
+    supp = enc["metrics"]["suppression_rate"]
+    expected = {0.001: supp, 0.005: supp, 0.01: supp * (1 - len(half) / len(flips)), 0.05: supp * (1 - len(half) / len(flips)), 0.1: 0.0}
+    curve = dict(cell.score.curve)
+    assert all(curve[e] == pytest.approx(v) for e, v in expected.items())
+    assert cell.score.auc < min(cells([(Path("e.json"), enc)])["ioi"].score.auc,
+                                cells([(Path("j.json"), jac)])["ioi"].score.auc), "worse than either attack alone"
+    other_fit = copy.deepcopy(jac)
+    other_fit["examples"][flips[0]]["valid_flip"] = False
+    with pytest.raises(ValueError, match="different fits"):
+        worst_case([enc, other_fit])
