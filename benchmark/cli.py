@@ -21,12 +21,12 @@ def _parse_value(text: str):
         return text
 
 
-def _parse_params(items: list[str]) -> dict:
+def _parse_params(items: list[str], what: str = "defense parameter", flag: str = "-D k=32") -> dict:
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise BenchmarkError(f"defense parameter '{item}' is not key=value (example: -D k=32)")
+            raise BenchmarkError(f"{what} '{item}' is not key=value (example: {flag})")
         params[key] = _parse_value(value)
     return params
 
@@ -77,7 +77,7 @@ def cmd_evaluate(args) -> int | None:
     import torch
 
     from benchmark import submissions
-    from benchmark.attack import AttackConfig
+    from benchmark.attacks import ATTACKS, AttackConfig
     from benchmark.engine import evaluate
     from benchmark.models import load_model
     from benchmark.records import SHARD_FILE, load_record, record_path
@@ -91,11 +91,14 @@ def cmd_evaluate(args) -> int | None:
     for t in args.tasks:
         TASKS.get(t)
     params = _parse_params(args.param)
+    for m in args.attack:  # fail on a bad attack name before the model loads
+        ATTACKS.get(m)
+    attack_params = tuple(sorted(_parse_params(args.attack_param, "attack parameter", "-A weight=0.5").items()))
     cfgs = [AttackConfig(mode=m, eps=args.eps, steps=args.steps, lr=args.lr, positions=args.positions,
                          optimizer=args.optimizer, seed=args.seed, batch_size=args.batch_size, layer=args.attack_layer,
                          patience=args.patience or None,
                          jacobian_rank=args.jacobian_rank, jacobian_exact_rows=args.jacobian_exact_rows,
-                         suffix_len=args.suffix_len)
+                         suffix_len=args.suffix_len, params=attack_params)
             for m in args.attack]
     if args.defense == REFERENCE:
         if params:
@@ -185,6 +188,13 @@ def cmd_defenses(args) -> None:
         print(f"{name:24s} {cls.description}")
 
 
+def cmd_attacks(args) -> None:
+    from benchmark.attacks import ATTACKS
+
+    for name, cls in ATTACKS.items():
+        print(f"{name:14s} {cls.threat_model:20s} {'+'.join(cls.claims):12s} {cls.description}")
+
+
 def cmd_tasks(args) -> None:
     from tasks import TASKS
 
@@ -210,7 +220,8 @@ def cmd_train_saes(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmark.attack import ATTACK_MODES, OPTIMIZERS, POSITIONS, AttackConfig
+    from benchmark.attacks import AttackConfig
+    from benchmark.attacks.base import OPTIMIZERS, POSITIONS
     from benchmark.models import DEFAULT_MODEL
     from benchmark.records import RECORDS_DIR
     from benchmark.submissions import EVALUATE_TIMEOUT, VALIDATE_TIMEOUT
@@ -237,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "model NDIF hosts). Gradients do not come back: the attack and gradient-attributed "
                          "fitting refuse to run (README: Remote execution)")
     ev.add_argument("--attack", type=_csv, default=[default.mode],
-                    help=f"comma-separated attack modes: {', '.join(ATTACK_MODES)}")
+                    help="comma-separated registered attacks (see `benchmark attacks`; built-ins: none, encoder, "
+                         "jacobian, soft_suffix)")
+    ev.add_argument("-A", "--attack-param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a plug-in attack's own setting, repeatable; recorded verbatim under attack.params")
     ev.add_argument("--eps", type=_floats, default=default.eps, help="ascending relative budgets to sweep")
     ev.add_argument("--steps", type=int, default=default.steps, help="optimizer steps per budget")
     ev.add_argument("--lr", type=float, default=default.lr, help="step length as a fraction of the budget")
@@ -305,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("defenses", help="list registered defenses").set_defaults(func=cmd_defenses)
     sub.add_parser("tasks", help="list registered task suites").set_defaults(func=cmd_tasks)
+    sub.add_parser("attacks", help="list registered attacks: threat model, constraints claimed, what each does"
+                   ).set_defaults(func=cmd_attacks)
 
     tr = sub.add_parser("train-saes", help="train the default model's reference SAEs (the better part of an hour on 2 cores)")
     tr.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16])

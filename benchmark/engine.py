@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from benchmark import __version__
-from benchmark.attack import AttackConfig, ExampleOutcome, RecoveryAttack, defense_edits
+from benchmark.attacks import ATTACKS, AttackConfig, ExampleOutcome, RecoveryAttack, ResidualAttack, build_attack
 from benchmark.base_residuals import BaseResiduals
-from benchmark.forward import capture, compose, next_token_kl, residual_prefix, run_edited, run_task, task_forward
+from benchmark.forward import (capture, compose, defense_edits, next_token_kl, residual_prefix, run_edited, run_task,
+                               task_forward)
 from benchmark.metrics import is_valid_flip
 from benchmark.models import LoadedModel
 from benchmark.records import (PATH_FIELDS, RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance,
@@ -117,7 +118,7 @@ def evaluate(
                       behavior_scores(model, task, test, defense, residuals=residuals))]
     # attacked in chunks of similar length (less padding); results go back to test order by id
     flips = test.select([r for r in test.length_order() if is_valid_flip(scored[r]["b_base"], scored[r]["b_defended"])])
-    attack = RecoveryAttack(model, defense, task, attack_cfg) if len(flips) else None
+    attack = build_attack(model, defense, task, attack_cfg) if len(flips) else None
     head = run_head(model, defense, task, attack_cfg, attack, scored)
     run_id = fingerprint(head, attack_cfg.to_record(), code)
     path = record_path(model.name, defense.name, task.name, attack_cfg.mode, records_root)
@@ -151,17 +152,15 @@ def run_head(model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackC
     """Every part of the record that does not come from the attack: model, SAEs, fitted defense, task, the attack's
     settings, and each test example's base and defended scores (``examples``). The engine adds ``side_effect``,
     ``defense_edit_rel`` and ``task_metrics``; :func:`benchmark.records.build_record` the rest."""
-    settings = {"mode": cfg.mode, "steps": cfg.steps, "lr": cfg.lr, "eps_rel": cfg.eps[-1], "eps_sweep": list(cfg.eps),
-                "positions": cfg.positions, "jacobian_rank": None, "seed": cfg.seed, "optimizer": cfg.optimizer,
-                "batch_size": cfg.batch_size, "patience": cfg.patience}
+    kind = ATTACKS.get(cfg.mode)
+    settings = {"mode": cfg.mode, "threat_model": kind.threat_model, "steps": cfg.steps, "lr": cfg.lr,
+                "eps_rel": cfg.eps[-1], "eps_sweep": list(cfg.eps), "positions": cfg.positions, "jacobian_rank": None,
+                "seed": cfg.seed, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "patience": cfg.patience}
     if attack is not None and attack.layer is not None:
         settings["layer"] = attack.layer
-    if cfg.mode == "jacobian":
-        settings.update(jacobian_probes=cfg.jacobian_rank, jacobian_exact_rows=cfg.jacobian_exact_rows)
-    if cfg.mode == "soft_suffix":
-        settings["suffix_len"] = cfg.suffix_len
-        if attack is not None:
-            settings["suffix_init"] = attack.suffix_text
+    settings.update(kind.settings(cfg, model))
+    if cfg.params:
+        settings["params"] = dict(cfg.params)
     return {
         "schema_version": SCHEMA_VERSION,
         "benchmark_version": __version__,
@@ -187,13 +186,13 @@ def attack_chunk(attack: RecoveryAttack, batch: PromptBatch, progress: bool,
     outcomes = attack.run(batch, progress=progress)
     recovered = [o.index for o in outcomes if o.recovered]
     paths: dict[int, dict] = {}
-    if recovered and attack.layer is not None:  # path replay splits a residual delta (not the soft suffix)
+    if recovered and isinstance(attack, ResidualAttack):  # path replay splits a residual delta
         paths = path_attribution(attack, batch.select(recovered), [outcomes[i] for i in recovered], residuals)
         paths = dict(zip(recovered, paths)) if paths else {}
     return [_result(batch.ids[o.index], o, paths.get(o.index, {})) for o in outcomes]
 
 
-def path_attribution(attack: RecoveryAttack, batch: PromptBatch, outcomes: list[ExampleOutcome],
+def path_attribution(attack: ResidualAttack, batch: PromptBatch, outcomes: list[ExampleOutcome],
                      residuals: BaseResiduals | None) -> list[dict] | None:
     """Per recovered example of ``batch`` (with its ``outcomes``), the record's path fields
     (:data:`benchmark.records.PATH_FIELDS`), or None where the defense has no SAE at the attacked site.

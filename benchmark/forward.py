@@ -25,6 +25,7 @@ from tasks.base import PromptBatch, TaskSuite, greedy_by_full_passes, greedy_loo
 
 if TYPE_CHECKING:
     from benchmark.base_residuals import BaseResiduals
+    from defenses.base import Defense
 
 Edit = Callable[[Tensor], Tensor]
 
@@ -241,6 +242,14 @@ def task_forward(model: LoadedModel, task: TaskSuite, edits_for: Callable[[Promp
 def residual_prefix(residuals: BaseResiduals | None, batch: PromptBatch) -> tuple[int, Tensor] | None:
     """``run_edited``'s ``prefix`` from the stored undefended residuals of ``batch`` (None without a store)."""
     return None if residuals is None else (residuals.layer, residuals.get(batch))
+
+
+def defense_edits(defense: Defense | None, batch: PromptBatch) -> dict[int, Edit]:
+    """The defense's edit at each of its sites, over ``batch``'s real tokens (none without a defense)."""
+    if defense is None:
+        return {}
+    mask = batch.token_mask
+    return {L: (lambda h, L=L: defense.edit(L, h, mask)) for L in defense.sites}
 
 
 def input_embeddings(model: LoadedModel) -> Tensor:

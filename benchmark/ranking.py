@@ -29,7 +29,11 @@ THREAT_MODELS = {"encoder": "feature_preserving", "jacobian": "feature_preservin
 #: them (input-space attacks and the unconstrained ceiling are shown beside it)
 RANKED_THREAT_MODEL = "feature_preserving"
 SUITES: tuple[str, ...] = tuple(schema()["properties"]["task"]["properties"]["name"]["enum"])
-MODES: tuple[str, ...] = ("encoder", "jacobian", "soft_suffix", "none")
+MODES: tuple[str, ...] = ("encoder", "jacobian", "soft_suffix", "none")  # display order; plug-in attacks after
+
+
+def mode_order(mode: str) -> tuple[int, str]:
+    return (MODES.index(mode) if mode in MODES else len(MODES), mode)
 
 Entry = tuple[Path, dict]
 
@@ -132,7 +136,7 @@ def cells(entries: list[Entry], model: str = RANKED_THREAT_MODEL) -> dict[str, C
     """Per suite, the cell of one defense's records within threat model ``model`` (the worst case over its
     attacks); suites without a record in it, or without examples with base behavior, are left out."""
     grouped: dict[str, list[Entry]] = defaultdict(list)
-    for path, r in sorted(entries, key=lambda e: MODES.index(e[1]["attack"]["mode"])):
+    for path, r in sorted(entries, key=lambda e: mode_order(e[1]["attack"]["mode"])):
         if threat_model(r) == model:
             grouped[r["task"]["name"]].append((path, r))
     made = {task: Cell.of(es) for task, es in grouped.items()}
@@ -175,7 +179,7 @@ class Standing:
 
 def _order(entry: Entry) -> tuple[int, int]:
     r = entry[1]
-    return SUITES.index(r["task"]["name"]), MODES.index(r["attack"]["mode"])
+    return SUITES.index(r["task"]["name"]), mode_order(r["attack"]["mode"])
 
 
 def standings(entries: list[Entry]) -> list[Standing]:

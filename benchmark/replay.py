@@ -18,7 +18,7 @@ Two readings of a replay (DESIGN.md, "path attribution"):
   how far from that the model is.
 - **binary replay**: whether the part alone brings the judged score above 0. On a ``delta`` the attacker stopped
   at the first ``b > 0`` this says little about paths: a part carrying 90% of a gain that just crossed 0 still
-  falls short of it. The margin replay (:meth:`benchmark.attack.RecoveryAttack.push_to_margin`) asks it again of a
+  falls short of it. The margin replay (:meth:`benchmark.attacks.ResidualAttack.push_to_margin`) asks it again of a
   ``delta`` pushed to a stated margin.
 """
 
@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark.attack import defense_edits
+from benchmark.forward import add, capture, compose, defense_edits, residual_prefix, run_edited, run_task, task_forward
 from benchmark.base_residuals import BaseResiduals
-from benchmark.forward import add, capture, compose, residual_prefix, run_edited, run_task, task_forward
 from benchmark.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite

@@ -214,7 +214,7 @@ def smoke_test(sub: Submission, tiny_dir: Path | None = None) -> list[str]:
     import jsonschema
     import torch
 
-    from benchmark.attack import defense_edits
+    from benchmark.forward import defense_edits
     from benchmark.forward import add, capture, compose, run_edited
     from benchmark.models import load_model
     from benchmark.records import schema as record_schema

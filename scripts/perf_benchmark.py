@@ -50,7 +50,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmark.attack import AttackConfig, RecoveryAttack, defense_edits, with_suffix  # noqa: E402
+from benchmark.attacks import AttackConfig, build_attack  # noqa: E402
+from benchmark.attacks.soft_suffix import SoftSuffixAttack, with_suffix  # noqa: E402
+from benchmark.forward import defense_edits  # noqa: E402
 from benchmark.cli import GLIBC_DEFAULTS_ENV, keep_freed_memory  # noqa: E402
 from benchmark.engine import behavior_scores  # noqa: E402
 from benchmark.forward import run_task  # noqa: E402
@@ -98,7 +100,7 @@ def _attack_steps(model, task, defense, batch, steps: int, mode: str = "encoder"
     patience), so each update runs on all of them; the final judging forward counts against the attacker. The
     chunk is prepared here, apart: that is done once per chunk, not per step."""
     cfg = AttackConfig(mode=mode, eps=NEVER, steps=steps, batch_size=len(batch), patience=None)
-    attack = RecoveryAttack(model, defense, task, cfg)
+    attack = build_attack(model, defense, task, cfg)
     chunk = attack.prepare(batch)
 
     def run() -> None:
@@ -176,7 +178,7 @@ SUFFIX_HEADER = "## Soft suffix: the prompt run once"
 
 
 @torch.no_grad()
-def suffix_flips(attack: RecoveryAttack, batch: PromptBatch) -> PromptBatch:
+def suffix_flips(attack: SoftSuffixAttack, batch: PromptBatch) -> PromptBatch:
     """The rows of ``batch`` whose behavior with ``attack``'s suffix at its initialization is still off."""
     ext = with_suffix(batch, attack.cfg.suffix_len, attack.suffix_id)
     read = run_task(attack.model, attack.task, ext, defense_edits(attack.defense, ext),
@@ -184,7 +186,7 @@ def suffix_flips(attack: RecoveryAttack, batch: PromptBatch) -> PromptBatch:
     return batch.select((attack.task.behavior(read, ext) <= 0).nonzero()[:, 0])
 
 
-def plain_suffix_step_seconds(attack: RecoveryAttack, batch: PromptBatch, steps: int) -> float:
+def plain_suffix_step_seconds(attack: SoftSuffixAttack, batch: PromptBatch, steps: int) -> float:
     """Seconds per plain forward+backward of the whole prompt + suffix, defense active, gradient to the suffix
     embeddings: a soft-suffix step without the prefilled prompt (a floor of what the attacker ran before)."""
     ext = with_suffix(batch, attack.cfg.suffix_len, attack.suffix_id)
@@ -202,7 +204,7 @@ def plain_suffix_step_seconds(attack: RecoveryAttack, batch: PromptBatch, steps:
 def suffix_speed(model, task, defense, flips, steps: int, rounds: int) -> dict:
     """A soft-suffix attack step (8 tokens after prompts lengthened to about TPP's ~240 tokens, batch 8) against the
     plain full pass over prompt + suffix, alternating, median over ``rounds``."""
-    attack = RecoveryAttack(model, defense, task, AttackConfig(mode="soft_suffix"))
+    attack = build_attack(model, defense, task, AttackConfig(mode="soft_suffix"))
     batch = suffix_flips(attack, with_filler(flips, model.tokenizer, 224))
     batch = batch.select(list(range(min(8, len(batch)))))
     ours, plain = [], []
@@ -247,7 +249,7 @@ def per_example_speedup(model, task, defense, flips, n: int, probe_steps: int) -
     batch = flips.select(list(range(min(n, len(flips)))))
     cfg = AttackConfig()
     t0 = time.perf_counter()
-    outcomes = RecoveryAttack(model, defense, task, cfg).run(batch, progress=False)
+    outcomes = build_attack(model, defense, task, cfg).run(batch, progress=False)
     ours = time.perf_counter() - t0
     per_step = statistics.median(
         plain_step_seconds(model, task, batch.select([i]), min(defense.sites), probe_steps, reuse_prefix=False)
@@ -502,7 +504,7 @@ def examples_scaling(model, task, defense, flips, sizes) -> list[dict]:
     for n in sizes:
         batch = flips.select(list(range(min(n, len(flips)))))
         t0 = time.perf_counter()
-        RecoveryAttack(model, defense, task, AttackConfig()).run(batch, progress=False)
+        build_attack(model, defense, task, AttackConfig()).run(batch, progress=False)
         rows.append({"examples": len(batch), "attack_seconds": time.perf_counter() - t0})
     return rows
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from benchmark.attack import defense_edits
+from benchmark.forward import defense_edits, next_token_kl
 from benchmark.engine import behavior_scores, defense_edit_size
-from benchmark.forward import next_token_kl
 from benchmark.models import load_model
 from benchmark.records import git_state
 from defenses import DEFENSES, FitContext

@@ -53,7 +53,7 @@ def fitted_clamp(tiny_model, tiny_dir, ioi):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_model, tiny_dir, tmp_path_factory):
     """One end-to-end evaluate on the tiny model: (record, path)."""
-    from benchmark.attack import AttackConfig
+    from benchmark.attacks import AttackConfig
     from benchmark.engine import evaluate
 
     out = tmp_path_factory.mktemp("records")
@@ -64,7 +64,7 @@ def tiny_run(tiny_model, tiny_dir, tmp_path_factory):
 
 def site_input(model, defense, batch, layer: int = 2):
     """The residual at ``layer`` just before the defense acts there (defense active everywhere, no attack)."""
-    from benchmark.attack import defense_edits
+    from benchmark.forward import defense_edits
     from benchmark.forward import capture, compose, run_edited
 
     seen = {}

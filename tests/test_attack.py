@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import site_input
 
-from benchmark.attack import AttackConfig, RecoveryAttack, defense_edits
+from benchmark.attacks import AttackConfig, build_attack
+
+from benchmark.forward import capture, compose, defense_edits, run_edited
 from benchmark.engine import behavior_scores, shared_prefix
-from benchmark.forward import capture, compose, run_edited
 from benchmark.replay import replay_parts, stack_deltas
 
 
@@ -23,7 +24,7 @@ def _valid_flips(model, ioi, defense):
 def test_encoder_mode_leaves_defended_preactivations_unchanged(tiny_model, ioi, fitted_clamp, optimizer):
     flips = _valid_flips(tiny_model, ioi, fitted_clamp)
     cfg = AttackConfig(mode="encoder", eps=(0.5,), steps=10, optimizer=optimizer)
-    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, cfg).run(flips, progress=False)
+    outcomes = build_attack(tiny_model, fitted_clamp, ioi, cfg).run(flips, progress=False)
     assert any(o.delta.abs().max() > 0 for o in outcomes)
     # recompute independently of the attacker's own bookkeeping
     h = site_input(tiny_model, fitted_clamp, flips, 2)
@@ -39,14 +40,14 @@ def test_encoder_mode_leaves_defended_preactivations_unchanged(tiny_model, ioi, 
 def test_unconstrained_mode_moves_defended_preactivations(tiny_model, ioi, fitted_clamp):
     flips = _valid_flips(tiny_model, ioi, fitted_clamp)
     cfg = AttackConfig(mode="none", eps=(0.5,), steps=10)
-    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, cfg).run(flips, progress=False)
+    outcomes = build_attack(tiny_model, fitted_clamp, ioi, cfg).run(flips, progress=False)
     assert max(o.c1_change for o in outcomes) > 1e-2
 
 
 def test_budget_holds_per_position(tiny_model, ioi, fitted_clamp):
     flips = _valid_flips(tiny_model, ioi, fitted_clamp)
     eps = 0.05
-    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(eps,), steps=5)).run(flips, progress=False)
+    outcomes = build_attack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(eps,), steps=5)).run(flips, progress=False)
     h = site_input(tiny_model, fitted_clamp, flips, 2)
     delta = stack_deltas(flips, [o.delta for o in outcomes])
     assert (delta.norm(dim=-1) <= eps * h.norm(dim=-1) * (1 + 1e-5) + 1e-7).all()
@@ -55,7 +56,7 @@ def test_budget_holds_per_position(tiny_model, ioi, fitted_clamp):
 
 def test_recovered_examples_really_recover_with_defense_active(tiny_model, ioi, fitted_clamp):
     flips = _valid_flips(tiny_model, ioi, fitted_clamp)
-    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=15)).run(flips, progress=False)
+    outcomes = build_attack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=15)).run(flips, progress=False)
     rec = [o for o in outcomes if o.recovered]
     assert rec, "the attack should recover some flips on the tiny model"
     sub = flips.select([o.index for o in rec])
@@ -72,7 +73,7 @@ def test_replay_parts_sum_to_delta(tiny_model, ioi, fitted_clamp):
     from benchmark.replay import split_delta
 
     flips = _valid_flips(tiny_model, ioi, fitted_clamp)
-    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=5)).run(flips, progress=False)
+    outcomes = build_attack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=5)).run(flips, progress=False)
     h = site_input(tiny_model, fitted_clamp, flips, 2)
     delta = stack_deltas(flips, [o.delta for o in outcomes])
     sae, feats = fitted_clamp.sae_at(2)
@@ -84,7 +85,7 @@ def test_replay_parts_sum_to_delta(tiny_model, ioi, fitted_clamp):
 
 def test_replay_from_the_stored_residuals_equals_full_passes(tiny_model, ioi, fitted_clamp):
     flips = _valid_flips(tiny_model, ioi, fitted_clamp)
-    outcomes = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=5)).run(flips, progress=False)
+    outcomes = build_attack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=5)).run(flips, progress=False)
     delta = stack_deltas(flips, [o.delta for o in outcomes])
     full = replay_parts(tiny_model, fitted_clamp, ioi, flips, delta, 2)
     store = shared_prefix(tiny_model, ioi, fitted_clamp)

@@ -7,10 +7,15 @@ import pytest
 import torch
 from conftest import site_input
 
-from benchmark.attack import AttackConfig, RecoveryAttack, clip_per_position, defense_edits, with_suffix
+from benchmark.attacks import AttackConfig, build_attack
+
+from benchmark.attacks.base import clip_per_position
+
+from benchmark.attacks.soft_suffix import with_suffix
+
+from benchmark.forward import add, capture, compose, defense_edits, input_embeddings, run_edited
 from benchmark.engine import behavior_scores, evaluate
 from benchmark.errors import BenchmarkError
-from benchmark.forward import add, capture, compose, input_embeddings, run_edited
 from benchmark.metrics import budget_curve
 from benchmark.records import validate_record
 from benchmark.replay import replay_parts, split_delta
@@ -81,21 +86,21 @@ def _drift_ratios(tiny_model, mlc, flips, attack, chunk, n_examples=4, n_vectors
 
 
 def test_jacobian_projection_removes_first_order_drift(tiny_model, ioi, mlc, mlc_flips):
-    attack = RecoveryAttack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian"))
+    attack = build_attack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian"))
     chunk = attack.prepare(mlc_flips)
     assert chunk.jac_exact and int(chunk.jac_rank.min()) > 0
     assert max(_drift_ratios(tiny_model, mlc, mlc_flips, attack, chunk)) <= 1e-3
     assert float(chunk.jac_residual.max()) <= 1e-3, "the recorded residual agrees"
     # the encoder constraint alone leaves most of the downstream first-order drift
-    encoder = RecoveryAttack(tiny_model, mlc, ioi, AttackConfig(mode="encoder"))
+    encoder = build_attack(tiny_model, mlc, ioi, AttackConfig(mode="encoder"))
     assert min(_drift_ratios(tiny_model, mlc, mlc_flips, encoder, encoder.prepare(mlc_flips))) > 0.05
 
 
 def test_randomized_estimate_at_full_rank_matches_exact(tiny_model, ioi, mlc, mlc_flips):
-    exact = RecoveryAttack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian"))
+    exact = build_attack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian"))
     ex = exact.prepare(mlc_flips)
     rows = 2 * 4 * int(mlc_flips.token_mask.sum(1).max())  # sites 2, 3 x k x editable positions
-    full = RecoveryAttack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian", jacobian_exact_rows=0,
+    full = build_attack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian", jacobian_exact_rows=0,
                                                             jacobian_rank=rows + 8))
     lr = full.prepare(mlc_flips)
     assert lr.jac_exact is False and torch.equal(lr.jac_rank, ex.jac_rank)
@@ -105,13 +110,13 @@ def test_randomized_estimate_at_full_rank_matches_exact(tiny_model, ioi, mlc, ml
     assert float(lr.jac_residual.max()) <= 1e-3
     assert max(_drift_ratios(tiny_model, mlc, mlc_flips, full, lr, n_examples=2)) <= 1e-3
     # a rank-8 estimate cannot remove a rank-100 Jacobian, and the residual metric says so
-    low = RecoveryAttack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian", jacobian_exact_rows=0, jacobian_rank=8))
+    low = build_attack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian", jacobian_exact_rows=0, jacobian_rank=8))
     small = low.prepare(mlc_flips)
     assert int(small.jac_rank.max()) == 8 and float(small.jac_residual.min()) > 0.5
 
 
 def test_jacobian_projection_and_clip_keep_subspace_and_budget(tiny_model, ioi, mlc, mlc_flips):
-    attack = RecoveryAttack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian"))
+    attack = build_attack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian"))
     chunk = attack.prepare(mlc_flips)
     torch.manual_seed(0)
     n, p = mlc_flips.input_ids.shape
@@ -151,8 +156,8 @@ def _downstream_drift(model, defense, flips, outcomes, layer=1, sites=(2, 3)) ->
 
 def test_jacobian_attack_keeps_c1_and_drifts_less_than_encoder(tiny_model, ioi, mlc, mlc_flips):
     cfg = dict(eps=(0.5,), steps=10)
-    enc = RecoveryAttack(tiny_model, mlc, ioi, AttackConfig(mode="encoder", **cfg)).run(mlc_flips, progress=False)
-    jac = RecoveryAttack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian", **cfg)).run(mlc_flips, progress=False)
+    enc = build_attack(tiny_model, mlc, ioi, AttackConfig(mode="encoder", **cfg)).run(mlc_flips, progress=False)
+    jac = build_attack(tiny_model, mlc, ioi, AttackConfig(mode="jacobian", **cfg)).run(mlc_flips, progress=False)
     assert max(o.c1_change for o in jac) < 1e-4
     assert any(o.recovered for o in jac), "the null space still leaves room to recover on the tiny model"
     assert all(o.jacobian_rank > 0 and o.jacobian_exact and o.jacobian_residual < 1e-3 for o in jac)
@@ -196,7 +201,7 @@ def test_new_config_fields_are_checked():
 @pytest.fixture(scope="module")
 def suffix_run(tiny_model, ioi, fitted_clamp):
     flips = _flips(tiny_model, ioi, fitted_clamp, 12)
-    attack = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(mode="soft_suffix", eps=(0.5, 2.0), steps=10))
+    attack = build_attack(tiny_model, fitted_clamp, ioi, AttackConfig(mode="soft_suffix", eps=(0.5, 2.0), steps=10))
     return flips, attack, attack.run(flips, progress=False)
 
 
@@ -503,7 +508,7 @@ def test_push_to_margin_raises_the_margin_within_the_constraints(tiny_model, ioi
     b_base = behavior_scores(tiny_model, ioi, flips, None)
     b_def = behavior_scores(tiny_model, ioi, flips, fitted_clamp)
     flips = flips.select(((b_base > 0) & (b_def <= 0)).nonzero()[:, 0])
-    attack = RecoveryAttack(tiny_model, fitted_clamp, ioi, AttackConfig(mode="encoder", eps=(0.1, 0.3, 0.5), steps=15))
+    attack = build_attack(tiny_model, fitted_clamp, ioi, AttackConfig(mode="encoder", eps=(0.1, 0.3, 0.5), steps=15))
     outcomes = attack.run(flips, progress=False)
     rec = [o for o in outcomes if o.recovered]
     assert len(rec) >= 2

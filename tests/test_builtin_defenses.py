@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from benchmark.attack import AttackConfig, defense_edits
+from benchmark.attacks import AttackConfig
+
+from benchmark.forward import capture, defense_edits, run_edited
 from benchmark.cli import main
 from benchmark.engine import behavior_scores, evaluate
 from benchmark.errors import BenchmarkError
-from benchmark.forward import capture, run_edited
 from benchmark.records import load_record, validate_record
 from defenses import DEFENSES, FitContext
 from defenses.sae_clamp import SAEClamp

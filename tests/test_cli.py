@@ -46,7 +46,7 @@ def test_missing_sae_file(capsys, tiny_dir, tmp_path):
 
 def test_unknown_attack_mode_and_bad_param(capsys):
     code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--attack", "telepathy")
-    assert code == 2 and "unknown attack mode 'telepathy'" in err
+    assert code == 2 and "unknown attack 'telepathy'" in err
     code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "-D", "k")
     assert code == 2 and "not key=value" in err
 

@@ -50,7 +50,7 @@ def test_reference_sae_loads_with_unit_decoder(smollm, layer):
 
 
 def test_c1_invariant_on_default_model(smollm):
-    from benchmark.attack import AttackConfig, RecoveryAttack
+    from benchmark.attacks import AttackConfig, build_attack
     from benchmark.engine import behavior_scores
     from defenses import DEFENSES, FitContext
     from tasks import TASKS
@@ -62,5 +62,5 @@ def test_c1_invariant_on_default_model(smollm):
     base, defended = behavior_scores(smollm, ioi, batch, None), behavior_scores(smollm, ioi, batch, clamp)
     flips = batch.select(((base > 0) & (defended <= 0)).nonzero()[:8, 0])
     assert len(flips) > 0, "the reference clamp should flip some dev prompts"
-    outcomes = RecoveryAttack(smollm, clamp, ioi, AttackConfig(eps=(0.1,), steps=4)).run(flips, progress=False)
+    outcomes = build_attack(smollm, clamp, ioi, AttackConfig(eps=(0.1,), steps=4)).run(flips, progress=False)
     assert max(o.c1_change for o in outcomes) < 1e-4

@@ -3,11 +3,15 @@
 import pytest
 import torch
 
-from benchmark.attack import (AttackConfig, RecoveryAttack, attacked_positions, defense_edits, suffix_start,
-                              with_suffix)
+from benchmark.attacks import AttackConfig, build_attack
+
+from benchmark.attacks.base import attacked_positions
+
+from benchmark.attacks.soft_suffix import suffix_start, with_suffix
+
+from benchmark.forward import add, capture, compose, defense_edits, input_embeddings, prefill, run_continued, run_edited
 from benchmark.base_residuals import BaseResiduals
 from benchmark.engine import behavior_scores, shared_prefix
-from benchmark.forward import add, capture, compose, input_embeddings, prefill, run_continued, run_edited
 from tasks.base import PromptBatch
 
 
@@ -196,6 +200,6 @@ def test_patience_leaves_stalled_budgets_early(tiny_model, ioi, fitted_clamp):
     runs = {}
     for patience in (None, 2):
         cfg = AttackConfig(eps=(1e-7, 2e-7), steps=12, patience=patience)  # budgets far too small to recover
-        runs[patience] = RecoveryAttack(tiny_model, fitted_clamp, ioi, cfg).run(flips, progress=False)
+        runs[patience] = build_attack(tiny_model, fitted_clamp, ioi, cfg).run(flips, progress=False)
     assert all(not o.recovered and o.steps_used == 24 for o in runs[None])
     assert all(not o.recovered and o.steps_used < 24 for o in runs[2])

@@ -216,7 +216,7 @@ def test_cached_generation_equals_full_passes(model, suite, steering, monkeypatc
     """Every step of key/value-cached greedy decoding gives the next-token logits of a full pass over the tokens
     so far, with a stateful (running-max gated) defense at two sites, an added delta and a soft input change."""
     import benchmark.forward as fw
-    from benchmark.attack import defense_edits
+    from benchmark.forward import defense_edits
     from tasks.base import greedy_loop
 
     batch = suite.prompt_batch(suite.requests("harmful", "dev")[:5])
@@ -255,10 +255,10 @@ def test_cached_generation_equals_full_passes(model, suite, steering, monkeypatc
 
 
 def test_attack_outcomes_are_judged_by_generation(model, suite, steering):
-    from benchmark.attack import AttackConfig, RecoveryAttack
+    from benchmark.attacks import AttackConfig, build_attack
 
     batch = suite.encode(suite.examples("test")[:3])
-    out = RecoveryAttack(model, steering, suite, AttackConfig(mode="encoder", eps=(0.5,), steps=4)).run(
+    out = build_attack(model, steering, suite, AttackConfig(mode="encoder", eps=(0.5,), steps=4)).run(
         batch, progress=False)
     assert [o.index for o in out] == [0, 1, 2]
     for o in out:
@@ -271,10 +271,10 @@ def test_attack_outcomes_are_judged_by_generation(model, suite, steering):
 def test_the_judge_decides_recovery_whatever_the_margin(model, suite, steering, monkeypatch, margin, budget):
     """Margin never above 0 (every budget exhausted) or above 0 from the start: either way an example is recovered
     exactly when its judged answer is, at the budget of its final delta."""
-    from benchmark.attack import AttackConfig, RecoveryAttack
+    from benchmark.attacks import AttackConfig, build_attack
 
     monkeypatch.setattr(suite, "behavior", lambda read, batch: read.sum((1, 2)) * 0 + margin)
-    attack = RecoveryAttack(model, steering, suite, AttackConfig(mode="encoder", eps=(0.2, 0.5), steps=2))
+    attack = build_attack(model, steering, suite, AttackConfig(mode="encoder", eps=(0.2, 0.5), steps=2))
     judged = torch.tensor([J.BASE_LIKE, J.REFUSAL, J.ANSWER])
     monkeypatch.setattr(attack, "confirm", lambda chunk, delta: judged)
     out = attack.run(suite.encode(suite.examples("test")[:3]), progress=False)
@@ -284,7 +284,7 @@ def test_the_judge_decides_recovery_whatever_the_margin(model, suite, steering, 
 
 
 def test_evaluate_writes_a_valid_record(model, tiny, tmp_path):
-    from benchmark.attack import AttackConfig
+    from benchmark.attacks import AttackConfig
     from benchmark.engine import evaluate
     from benchmark.records import validate_record
 

@@ -111,11 +111,11 @@ def test_cli_remote_without_a_key_exits_2(capsys, no_key):
 
 
 def test_attack_refuses_a_remote_model(tiny_model, ioi):
-    from benchmark.attack import AttackConfig, RecoveryAttack
+    from benchmark.attacks import AttackConfig, build_attack
 
     remote = dataclasses.replace(tiny_model, remote=True)
     with pytest.raises(BenchmarkError, match=r"recovery attack needs gradients .*\(NDIF\) trace returns saved"):
-        RecoveryAttack(remote, None, ioi, AttackConfig())
+        build_attack(remote, None, ioi, AttackConfig())
 
 
 # -- what a server runs: FakeNDIF ---------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def served(tiny_model, monkeypatch, ndif_env):
 
 
 def test_served_defended_forward_matches_local(tiny_model, tiny_dir, ioi, served):
-    from benchmark.attack import defense_edits
+    from benchmark.forward import defense_edits
     from defenses import DEFENSES, FitContext
 
     remote, fake = served

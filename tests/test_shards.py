@@ -8,7 +8,7 @@ import math
 import pytest
 
 from benchmark import engine
-from benchmark.attack import AttackConfig, RecoveryAttack
+from benchmark.attacks import AttackConfig, build_attack
 from benchmark.engine import behavior_scores, evaluate
 from benchmark.errors import BenchmarkError
 from benchmark.records import checkpoint_path, load_record, record_files, record_path, shard_path
@@ -177,7 +177,7 @@ def test_path_replay_per_chunk_matches_replay_of_all_recovered(tiny_model, ioi, 
     test = ioi.encode(ioi.examples("test"))
     valid = (behavior_scores(tiny_model, ioi, test, None) > 0) & (behavior_scores(tiny_model, ioi, test, fitted_clamp) <= 0)
     flips = test.select(valid.nonzero()[:, 0])
-    attack = RecoveryAttack(tiny_model, fitted_clamp, ioi, CFG)
+    attack = build_attack(tiny_model, fitted_clamp, ioi, CFG)
     outcomes = attack.run(flips, progress=False)
 
     def replay(rows):

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from benchmark.attack import AttackConfig, defense_edits
+from benchmark.attacks import AttackConfig
+
+from benchmark.forward import defense_edits, run_edited
 from benchmark.engine import behavior_scores, evaluate
 from benchmark.errors import BenchmarkError
-from benchmark.forward import run_edited
 from defenses import DEFENSES, FitContext
 from defenses.probe_ablation import tpp_effects
 from tasks import TASKS

@@ -254,7 +254,7 @@ def test_wmdp_hub_loader(monkeypatch, tmp_path, wmdp_model):
 
 
 def test_end_to_end_evaluate_writes_a_valid_record(wmdp_model, wmdp_dir, tmp_path):
-    from benchmark.attack import AttackConfig
+    from benchmark.attacks import AttackConfig
     from benchmark.engine import evaluate
     from benchmark.records import validate_record
 
