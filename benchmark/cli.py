@@ -182,21 +182,31 @@ def cmd_defenses(args) -> None:
     from defenses import DEFENSES
 
     for name, cls in DEFENSES.items():
-        print(f"{name:24s} {cls.description}")
+        print(f"{name:24s} {getattr(cls, 'description', '')}")
+    _print_problems(DEFENSES.problems())
 
 
 def cmd_tasks(args) -> None:
     from tasks import TASKS
 
     for name, cls in TASKS.items():
-        print(f"{name:12s} reference defense {getattr(cls, 'reference_defense', '-'):18s} {cls.description}")
+        print(f"{name:12s} reference defense {getattr(cls, 'reference_defense', '-'):18s} "
+              f"{getattr(cls, 'description', '')}")
+    _print_problems(TASKS.problems())
+
+
+def _print_problems(lines: list[str]) -> None:
+    """Installed plugins that cannot be used, one line each (the listing above stays usable)."""
+    for line in lines:
+        print(f"{'not usable:':24s} {line}")
 
 
 def cmd_validate(args) -> None:
-    from benchmark.submissions import validate_in_child
+    from benchmark import submissions
 
-    print(f"validating {args.folder} (this runs the submission's code in a child process)", flush=True)
-    for line in validate_in_child(args.folder, args.timeout):
+    what = "the submission's" if submissions.is_submission_ref(args.folder) else "the defense's"
+    print(f"validating {args.folder} (this runs {what} code in a child process)", flush=True)
+    for line in submissions.validate_in_child(args.folder, args.timeout, _parse_params(args.param)):
         print(f"   {line}")
 
 
@@ -289,8 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--keep-shards", action="store_true", help="keep the shard files after merging")
     me.set_defaults(func=cmd_merge)
 
-    va = sub.add_parser("validate", help="check a submitted defense (runs its code in a child process)")
-    va.add_argument("folder", help="submission folder, e.g. submissions/decoder_span_ablation")
+    va = sub.add_parser("validate", help="check a submitted or installed defense (runs its code in a child process)",
+                        description="Check a defense the way a submission is checked: the interface, its parameters, "
+                                    "and a run on the tiny stand-in model (fit, edit, readouts, a gradient; every "
+                                    "output finite). Takes a submission folder or the name of a registered defense "
+                                    "(a built-in, or a plugin an installed package provides).")
+    va.add_argument("folder", help="submission folder (e.g. submissions/decoder_span_ablation), or a registered "
+                                   "defense's name (e.g. one from an installed plugin)")
+    va.add_argument("-D", "--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="constructor parameter of a named defense on the tiny model (4 layers, d_model 64), "
+                         "repeatable; a submission uses its manifest's validation_parameters")
     va.add_argument("--timeout", type=float, default=VALIDATE_TIMEOUT, help="time limit in seconds")
     va.set_defaults(func=cmd_validate)
 
