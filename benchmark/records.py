@@ -127,9 +127,18 @@ def write_record(record: dict, path: Path) -> None:
     write_json_atomic(path, record)
 
 
-def record_path(model: str, defense: str, task: str, mode: str, root: Path = RECORDS_DIR) -> Path:
+def record_path(model: str, defense: str, task: str, mode: str, root: Path = RECORDS_DIR,
+                limit: int | None = None) -> Path:
+    """Where the record of a run goes: ``<root>/<model>/<defense>/<task>__<mode>.json``; a run on the first
+    ``limit`` test examples only writes ``<task>__<mode>.limit-<limit>.json`` beside it, never over a full run's."""
     safe = lambda s: s.replace("/", "--")  # noqa: E731
-    return root / safe(model) / safe(defense) / f"{task}__{mode}.json"
+    return root / safe(model) / safe(defense) / f"{task}__{mode}{'' if limit is None else f'.limit-{limit}'}.json"
+
+
+def comparable(record: dict) -> bool:
+    """Whether a record may be ranked against others: False for a run on the first ``task.limit`` test examples only
+    (``benchmark evaluate --limit``), a cheap check whose figures come from a different, smaller test set."""
+    return record["task"].get("limit") is None
 
 
 #: a shard's partial run beside its record: ``<suite>__<mode>.shard-<i>-of-<n>.json`` (not a run record)

@@ -31,6 +31,10 @@ class LoadedSAE:
 
 
 def default_sae_dir(model: LoadedModel) -> Path | None:
+    """Where a registered model's own SAEs are: the reference SAEs under ``saes/``, or beside a model made on this
+    machine (the tiny stand-in); None for hub SAEs."""
+    if model.spec is not None and model.spec.build is not None:
+        return model.spec.build() / "saes"
     if model.spec is not None and model.spec.sae_source.release == "local":
         return REFERENCE_SAE_ROOT / model.spec.name
     return None
