@@ -58,7 +58,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from benchmark import jacobian, sae_math
-from benchmark.errors import BenchmarkError
+from benchmark.errors import BenchmarkError, NonFiniteError
 from benchmark.forward import (Edit, EditedForward, Prefill, add, capture, compose, input_embeddings, prefill,
                                run_continued, run_edited, run_task)
 from benchmark.models import LoadedModel
@@ -162,10 +162,47 @@ class Chunk:
 
 
 def defense_edits(defense: Defense | None, batch: PromptBatch) -> dict[int, Edit]:
+    """The defense's edit at each of its sites for a forward pass over ``batch``, each checked where it returns
+    (:class:`DefenseEdit`)."""
     if defense is None:
         return {}
     mask = batch.token_mask
-    return {L: (lambda h, L=L: defense.edit(L, h, mask)) for L in defense.sites}
+    return {L: DefenseEdit(defense, L, mask, batch.ids) for L in defense.sites}
+
+
+class DefenseEdit:
+    """``defense.edit`` at ``layer``, checked on what it returns: a tensor of the residual's shape and dtype, and
+    finite wherever the residual it got was (one ``isfinite`` per call). A bad edit is reported here, naming the
+    defense, the layer and the shapes or the examples, not as a torch error deep inside the forward pass or as NaN in
+    the record."""
+
+    def __init__(self, defense: Defense, layer: int, token_mask: Tensor, ids: list[str]) -> None:
+        self.defense, self.layer, self.token_mask, self.ids = defense, layer, token_mask, ids
+
+    def __call__(self, h: Tensor) -> Tensor:
+        out = self.defense.edit(self.layer, h, self.token_mask)
+        name = f"defense '{self.defense.name}'"
+        if not isinstance(out, Tensor) or out.shape != h.shape or out.dtype != h.dtype:
+            got = (f"shape {list(out.shape)} ({out.dtype})" if isinstance(out, Tensor) else type(out).__name__)
+            raise BenchmarkError(f"{name} returned {got} from its edit at layer {self.layer} for a residual of shape "
+                                 f"{list(h.shape)} ({h.dtype}): edit(layer, h, token_mask) must return h's shape and "
+                                 "dtype")
+        if not bool(torch.isfinite(out).all()):
+            raise self._non_finite(name, h, out)
+        return out
+
+    def _non_finite(self, name: str, h: Tensor, out: Tensor) -> NonFiniteError:
+        bad = ~torch.isfinite(out)
+        rows = bad.flatten(1).any(1).nonzero()[:, 0].tolist() if out.dim() > 1 else []
+        examples = [self.ids[r] for r in rows] if out.shape[0] == len(self.ids) else []
+        counts = f"{int(torch.isnan(out).sum())} NaN and {int(torch.isinf(out).sum())} inf values"
+        if not bool(torch.isfinite(h).all()):
+            return NonFiniteError(f"the residual reaching {name} at layer {self.layer} holds NaN or inf ({counts} "
+                                  "after its edit)", examples, "it comes from below the defense (the model, an "
+                                  "edit at a lower site, or the attack's delta)")
+        return NonFiniteError(f"{name} returned {counts} from its edit at layer {self.layer} on a finite residual",
+                              examples, "look for a division by zero, a log or sqrt of a non-positive number, or an "
+                              "overflow in the edit")
 
 
 def attacked_positions(batch: PromptBatch, positions: str) -> Tensor:
@@ -433,6 +470,18 @@ class RecoveryAttack:
         bar.close()
         return sorted(outcomes, key=lambda o: o.index)
 
+    def _check_finite(self, t: Tensor, ids: list[str], what: str, hint: str, among: Tensor | None = None) -> None:
+        """Stop the run at NaN or inf in ``t`` [rows, ...], naming the defense, the attacked site, the suite and the
+        examples: row r of ``t`` is example ``ids[r]``, or the r-th of those ``among`` [len(ids)] (bool) marks."""
+        if bool(torch.isfinite(t).all()):
+            return
+        if among is not None:
+            ids = [i for i, keep in zip(ids, among.tolist()) if keep]
+        rows = (~torch.isfinite(t)).reshape(len(t), -1).any(1).nonzero()[:, 0].tolist()
+        site = "the input embeddings" if self.layer is None else f"layer {self.layer}"
+        raise NonFiniteError(f"{what} is NaN or inf with defense '{self.defense.name}' (attack {self.cfg.mode} at "
+                             f"{site})", [ids[r] for r in rows], f"usually {hint}", suite=self.task.name)
+
     def _hopeless(self, recent: Tensor, updates_left: Tensor) -> Tensor:
         """[rows] bool: the search at the current budget cannot bring b above 0 in ``updates_left`` [rows] updates,
         judged from ``recent`` [rows, patience], b at the last forward passes at that budget (NaN: not yet seen)."""
@@ -558,6 +607,7 @@ class RecoveryAttack:
             pre = None if chunk.prefill is None else chunk.prefill.select(idx, p - sub.input_ids.shape[1])
             read, seen_att = self._forward(sub, d, h_site=h_site, pre=pre)
             b = self.task.behavior(read, sub).detach()
+            self._check_finite(b, sub.ids, "the behavior score under attack", "the model's output or the suite's score")
             reads = self._readouts(seen_att)
             newly = b > 0
             finish = newly | exhausted[idx]
@@ -574,6 +624,8 @@ class RecoveryAttack:
             loss = self.task.attack_loss(read, sub)
             loss[keep].sum().backward()
             rows, g = idx[keep], d.grad[keep]
+            self._check_finite(g, sub.ids, "the attack's gradient",
+                               "a point where the edit has no derivative (a sqrt or norm at 0, a division)", keep)
             recent[rows] = torch.cat([recent[rows, 1:], b[keep, None]], 1)
             eps_rows = eps_all[level[rows]]  # [rows] float64: what the record keeps
             eps = eps_rows[:, None].float()  # [rows, 1]

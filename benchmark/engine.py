@@ -17,7 +17,7 @@ from benchmark.attack import AttackConfig, ExampleOutcome, RecoveryAttack, defen
 from benchmark.base_residuals import BaseResiduals
 from benchmark.forward import capture, compose, next_token_kl, residual_prefix, run_edited, run_task, task_forward
 from benchmark.metrics import is_valid_flip
-from benchmark.errors import BenchmarkError
+from benchmark.errors import BenchmarkError, NonFiniteError
 from benchmark.models import LoadedModel, load_model
 from benchmark.records import (PATH_FIELDS, RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance,
                                record_path, working_tree_hash, write_record)
@@ -45,10 +45,16 @@ def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, def
     (starting from ``residuals`` when given, see :func:`shared_prefix`); without a defense, the suite's
     :meth:`TaskSuite.known_base_scores` when it has them."""
     known = task.known_base_scores(batch) if defense is None else None
-    if known is not None:
-        return known
-    forward = task_forward(model, task, lambda part: defense_edits(defense, part), residuals)
-    return batch.map_length_chunks(chunk, lambda part: task.score(forward, part))
+    if known is None:
+        forward = task_forward(model, task, lambda part: defense_edits(defense, part), residuals)
+        known = batch.map_length_chunks(chunk, lambda part: task.score(forward, part))
+    bad = ~torch.isfinite(known)
+    if bool(bad.any()):
+        who = "the undefended model" if defense is None else f"defense '{defense.name}' (sites {defense.sites})"
+        raise NonFiniteError(f"the behavior score is NaN or inf with {who}",
+                             [batch.ids[i] for i in bad.nonzero()[:, 0].tolist()],
+                             "usually the model's output or the suite's score function", suite=task.name)
+    return known
 
 
 @torch.no_grad()
@@ -107,8 +113,11 @@ def evaluate(
     if limit is not None and limit < 1:
         raise BenchmarkError(f"limit must be a number of test examples >= 1, got {limit}")
     loaded = load_model(model) if isinstance(model, str) else model
-    return _run(loaded, build_defense(defense, defense_params), task, attack, sae_dir, Path(records_dir), progress,
-                command, shard, limit)
+    try:
+        return _run(loaded, build_defense(defense, defense_params), task, attack, sae_dir, Path(records_dir),
+                    progress, command, shard, limit)
+    except NonFiniteError as err:  # raised where the NaN appeared, which may not know the suite
+        raise err.in_suite(task) from None
 
 
 def build_defense(defense: str | Defense, params: dict | None = None) -> Defense:
