@@ -15,12 +15,13 @@ from torch import Tensor
 from benchmark import __version__
 from benchmark.attack import AttackConfig, ExampleOutcome, RecoveryAttack, defense_edits
 from benchmark.base_residuals import BaseResiduals
+from benchmark.errors import BenchmarkError, NonFiniteError
 from benchmark.forward import capture, compose, next_token_kl, residual_prefix, run_edited, run_task, task_forward
 from benchmark.metrics import is_valid_flip
-from benchmark.errors import BenchmarkError, NonFiniteError
 from benchmark.models import LoadedModel, load_model
 from benchmark.records import (PATH_FIELDS, RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance,
                                record_path, working_tree_hash, write_record)
+from benchmark.registry import same_definition
 from benchmark.replay import PARTS, margin_shares, replay_parts, stack_deltas
 from benchmark.saes import LoadedSAE
 from benchmark.shards import WHOLE, PartialRun, Shard, chunk_rows, fingerprint, partial_path, recorded_fingerprint
@@ -139,9 +140,9 @@ def build_defense(defense: str | Defense, params: dict | None = None) -> Defense
         raise BenchmarkError(f"build the {cls} with {cls}.create(...): it records the constructor's arguments as "
                              "the defense's parameters")
     owner = DEFENSES.get(defense.name) if defense.name in DEFENSES.names() else type(defense)
-    if not isinstance(defense, owner):
+    if not same_definition(owner, type(defense)):  # the same class, or defined again by a re-run notebook cell
         raise BenchmarkError(f"defense name '{defense.name}' belongs to the registered {owner.__qualname__}; give {cls} "
-                             "a name of its own")
+                             "a name of its own (a class attribute name = '...', or register it under one)")
     return defense
 
 

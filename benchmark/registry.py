@@ -39,7 +39,7 @@ def _definition(obj: object) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
-def _same_definition(a: object, b: object) -> bool:
+def same_definition(a: object, b: object) -> bool:
     """Whether ``b`` is ``a`` defined again (a re-run notebook cell or a reloaded module): the same class name in
     the same module."""
     return isinstance(a, type) and isinstance(b, type) and _definition(a) == _definition(b)
@@ -59,7 +59,7 @@ class Registry(Generic[T]):
 
         def decorator(obj: T) -> T:
             old = self._items.get(name)
-            if old is not None and old is not obj and not _same_definition(old, obj):
+            if old is not None and old is not obj and not same_definition(old, obj):
                 raise BenchmarkError(f"{self.kind} '{name}' is already registered by {_definition(old)}; "
                                      f"register {_definition(obj)} under another name")
             self._add(name, obj)
