@@ -171,10 +171,10 @@ def defense_edits(defense: Defense | None, batch: PromptBatch) -> dict[int, Edit
 
 
 class DefenseEdit:
-    """``defense.edit`` at ``layer``, checked on what it returns: a tensor of the residual's shape and dtype, and
-    finite wherever the residual it got was (one ``isfinite`` per call). A bad edit is reported here, naming the
-    defense, the layer and the shapes or the examples, not as a torch error deep inside the forward pass or as NaN in
-    the record."""
+    """``defense.edit`` at ``layer``, checked on what it returns: a tensor of the residual's shape and dtype, all
+    finite (one ``isfinite`` per call; only when it fails is the residual it got checked too, to say where the NaN
+    came from). A bad edit is reported here, naming the defense, the layer and the shapes or the examples, not as a
+    torch error deep inside the forward pass or as NaN in the record."""
 
     def __init__(self, defense: Defense, layer: int, token_mask: Tensor, ids: list[str]) -> None:
         self.defense, self.layer, self.token_mask, self.ids = defense, layer, token_mask, ids

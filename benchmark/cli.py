@@ -43,13 +43,9 @@ def _csv(text: str) -> list[str]:
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
-    return value
+    return int(text)
 
 
 #: set to 1 to leave glibc's allocator at its defaults (``scripts/perf_benchmark.py`` measures both)

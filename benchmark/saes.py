@@ -87,7 +87,6 @@ def _missing(path: Path, layer: int) -> BenchmarkError:
     are plain files in git), and only then train."""
     have = sorted(p.name for p in path.parent.glob("layer_*")) if path.parent.is_dir() else []
     problem = f"no SAE for layer {layer} at {path} (need {CFG} and {WEIGHTS}; available: {', '.join(have) or 'none'})"
-    train = f"`benchmark train-saes --layers {layer} --out {path.parent}` (the better part of an hour on 2 cores)"
     if _committed(path):
         report = path.parent / "REPORT.md"
         again = f"the command in {report}" if report.exists() else "`benchmark train-saes`"
@@ -97,7 +96,8 @@ def _missing(path: Path, layer: int) -> BenchmarkError:
                               "better part of an hour on 2 cores)")
     if path.resolve().is_relative_to(REFERENCE_SAE_ROOT):
         return BenchmarkError(f"{problem}: the reference SAEs cover {', '.join(have) or 'no layer'}; choose one of "
-                              f"those layers, or train one with {train}")
+                              f"those layers, or train one with `benchmark train-saes --layers {layer} --out "
+                              f"{path.parent}` (the better part of an hour on 2 cores)")
     return BenchmarkError(f"{problem}: pass --sae-dir a folder of layer_<L>/ SAEs in sae_lens disk format (or leave it "
                           "out for the model's own SAEs); `benchmark train-saes` trains SAEs for the default model")
 
