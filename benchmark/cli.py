@@ -42,6 +42,12 @@ def _csv(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
+    return int(text)
+
+
 #: set to 1 to leave glibc's allocator at its defaults (``scripts/perf_benchmark.py`` measures both)
 GLIBC_DEFAULTS_ENV = "BENCHMARK_GLIBC_MALLOC_DEFAULTS"
 
@@ -121,7 +127,7 @@ def cmd_evaluate(args) -> int | None:
     for defense, task in runs:
         for cfg in cfgs:
             t0 = time.time()
-            kept = record_path(model.name, defense, task, cfg.mode, Path(args.records_dir))
+            kept = record_path(model.name, defense, task, cfg.mode, Path(args.records_dir), args.limit)
             if args.keep_existing and kept.exists():
                 commit = load_record(kept)["provenance"]["git_commit"][:10]
                 print(f"== {defense} on {task}, attack {cfg.mode}: kept {kept} (commit {commit})", flush=True)
@@ -129,7 +135,7 @@ def cmd_evaluate(args) -> int | None:
             print(f"== {defense} on {task}, attack {cfg.mode}" + (f", shard {shard}" if shard.count > 1 else ""),
                   flush=True)
             out, path = evaluate(model, defense, task, cfg, params, args.sae_dir, Path(args.records_dir),
-                                 progress=not args.quiet, command=command, shard=shard)
+                                 progress=not args.quiet, command=command, shard=shard, limit=args.limit)
             if SHARD_FILE.match(path.name):
                 print(f"   shard {shard}: {len(out['chunks'])} of {out['chunks_total']} chunks; "
                       f"{time.time() - t0:.0f} s -> {path} (`benchmark merge` makes the record)", flush=True)
@@ -154,10 +160,13 @@ def cmd_battery(args) -> int | None:
 
 
 def _summary(record: dict, tail: str) -> None:
+    from benchmark.records import comparable
+
     c, m = record["counts"], record["metrics"]
     rate = "n/a" if m["recovery_rate"] is None else f"{m['recovery_rate']:.3f}"
-    print(f"   {c['valid_flips']} valid flips of {c['base_behavior']} with the behavior ({c['examples']} examples); "
-          f"recovered {c['recovered']} (rate {rate}); {tail}", flush=True)
+    limited = "" if comparable(record) else f", the first {record['task']['limit']} only: not comparable, never ranked"
+    print(f"   {c['valid_flips']} valid flips of {c['base_behavior']} with the behavior ({c['examples']} examples"
+          f"{limited}); recovered {c['recovered']} (rate {rate}); {tail}", flush=True)
 
 
 def cmd_merge(args) -> None:
@@ -185,7 +194,8 @@ def cmd_defenses(args) -> None:
     from defenses import DEFENSES
 
     for name, cls in DEFENSES.items():
-        print(f"{name:24s} {cls.description}")
+        print(f"{name:24s} {getattr(cls, 'description', '')}")
+    _print_problems(DEFENSES.problems())
 
 
 def cmd_attacks(args) -> None:
@@ -193,20 +203,30 @@ def cmd_attacks(args) -> None:
 
     for name, cls in ATTACKS.items():
         print(f"{name:14s} {cls.threat_model:20s} {'+'.join(cls.claims):12s} {cls.description}")
+    _print_problems(ATTACKS.problems())
 
 
 def cmd_tasks(args) -> None:
     from tasks import TASKS
 
     for name, cls in TASKS.items():
-        print(f"{name:12s} reference defense {getattr(cls, 'reference_defense', '-'):18s} {cls.description}")
+        print(f"{name:12s} reference defense {getattr(cls, 'reference_defense', '-'):18s} "
+              f"{getattr(cls, 'description', '')}")
+    _print_problems(TASKS.problems())
+
+
+def _print_problems(lines: list[str]) -> None:
+    """Installed plugins that cannot be used, one line each (the listing above stays usable)."""
+    for line in lines:
+        print(f"{'not usable:':24s} {line}")
 
 
 def cmd_validate(args) -> None:
-    from benchmark.submissions import validate_in_child
+    from benchmark import submissions
 
-    print(f"validating {args.folder} (this runs the submission's code in a child process)", flush=True)
-    for line in validate_in_child(args.folder, args.timeout):
+    what = "the submission's" if submissions.is_submission_ref(args.folder) else "the defense's"
+    print(f"validating {args.folder} (this runs {what} code in a child process)", flush=True)
+    for line in submissions.validate_in_child(args.folder, args.timeout, _parse_params(args.param)):
         print(f"   {line}")
 
 
@@ -219,49 +239,70 @@ def cmd_train_saes(args) -> None:
     print(json.dumps(report["saes"], indent=1))
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every option's default, where it has a value (an unset option's help says what it means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from benchmark.attacks import AttackConfig
     from benchmark.attacks.base import OPTIMIZERS, POSITIONS
-    from benchmark.models import DEFAULT_MODEL
+    from benchmark.models import DEFAULT_MODEL, TINY_MODEL
     from benchmark.records import RECORDS_DIR
     from benchmark.submissions import EVALUATE_TIMEOUT, VALIDATE_TIMEOUT
 
-    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__)
+    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__, formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True)
     default = AttackConfig()
+    records_help = "folder of run records (one per model/defense/suite/attack mode)"
 
     ev = sub.add_parser("evaluate", help="run a defense against task suites and the recovery attacker",
+                        formatter_class=_Help,
                         description="Run a defense against task suites and the recovery attacker; one record per "
                                     "(suite, attack mode). The attack runs in chunks of --batch-size valid flips, "
                                     "saved after each to <suite>__<mode>.json.partial: rerun the same command after "
                                     "an interruption and it resumes there. A record this very run (same fingerprint: "
-                                    "inputs, settings, code) already wrote is not run again.")
+                                    "inputs, settings, code) already wrote is not run again. A first run in seconds: "
+                                    f"--model {TINY_MODEL} --tasks ioi --limit 8.")
     ev.add_argument("--defense", required=True,
                     help="registered defense name (see `benchmark defenses`), a submission folder "
                          "(submissions/<name>; runs its code in a child process), or `reference`: each suite's "
                          "own reference defense")
     ev.add_argument("--tasks", type=_csv, default=None,
                     help="comma-separated suites (see `benchmark tasks`; default: every registered suite)")
-    ev.add_argument("--model", default=DEFAULT_MODEL, help="registered model name or a local HF model folder")
+    ev.add_argument("--limit", type=_positive, default=None, metavar="N",
+                    help="score only the first N test examples of each suite: a cheap check, written to "
+                         "<suite>__<mode>.limit-N.json and never ranked (default: every test example)")
+    ev.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"registered model name or a local HF model folder; `{TINY_MODEL}`: the tests' random "
+                         "4-layer stand-in with its own SAEs, built into the cache on first use, for a first run "
+                         "in seconds with --tasks ioi, whose figures mean nothing")
     ev.add_argument("--remote", action="store_true",
                     help="run every forward pass on NDIF (nnsight remote execution; needs NDIF_API_KEY, and a hub "
                          "model NDIF hosts). Gradients do not come back: the attack and gradient-attributed "
                          "fitting refuse to run (README: Remote execution)")
-    ev.add_argument("--attack", type=_csv, default=[default.mode],
+    ev.add_argument("--attack", type=_csv, default=default.mode,
                     help="comma-separated registered attacks (see `benchmark attacks`; built-ins: none, encoder, "
                          "jacobian, soft_suffix)")
     ev.add_argument("-A", "--attack-param", action="append", default=[], metavar="KEY=VALUE",
                     help="a plug-in attack's own setting, repeatable; recorded verbatim under attack.params")
-    ev.add_argument("--eps", type=_floats, default=default.eps, help="ascending relative budgets to sweep")
+    ev.add_argument("--eps", type=_floats, default=",".join(map(str, default.eps)),
+                    help="ascending relative budgets to sweep")
     ev.add_argument("--steps", type=int, default=default.steps, help="optimizer steps per budget")
     ev.add_argument("--lr", type=float, default=default.lr, help="step length as a fraction of the budget")
-    ev.add_argument("--positions", choices=POSITIONS, default=default.positions)
-    ev.add_argument("--optimizer", choices=OPTIMIZERS, default=default.optimizer)
-    ev.add_argument("--seed", type=int, default=default.seed)
+    ev.add_argument("--positions", choices=POSITIONS, default=default.positions,
+                    help="prompt positions the attack may change")
+    ev.add_argument("--optimizer", choices=OPTIMIZERS, default=default.optimizer, help="the attack's optimizer")
+    ev.add_argument("--seed", type=int, default=default.seed, help="seed of the attack (and of its random probes)")
     ev.add_argument("--batch-size", type=int, default=default.batch_size,
                     help="valid flips attacked together: one chunk of work (resume and --shard work per chunk)")
     ev.add_argument("--patience", type=int, default=default.patience,
-                    help="steps at a budget before the attacker may leave it early, when the recent gain of the behavior score cannot reach 0 in the steps left (0: run every budget's steps)")
+                    help="steps at a budget before the attacker may leave it early, when the recent gain of the "
+                         "behavior score cannot reach 0 in the steps left (0: run every budget's steps)")
     ev.add_argument("--attack-layer", type=int, default=None, help="attacked block (default: first defended site)")
     ev.add_argument("--jacobian-rank", type=int, default=default.jacobian_rank,
                     help="random probes of the low-rank Jacobian estimate (mode jacobian)")
@@ -270,13 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--suffix-len", type=int, default=default.suffix_len, help="soft tokens (mode soft_suffix)")
     ev.add_argument("-D", "--param", action="append", default=[], metavar="KEY=VALUE",
                     help="defense constructor parameter, repeatable (e.g. -D k=32 -D mode=zero)")
-    ev.add_argument("--sae-dir", type=Path, default=None, help="folder with layer_<L>/ SAEs (sae_lens disk format)")
-    ev.add_argument("--records-dir", default=str(RECORDS_DIR))
-    ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ev.add_argument("--sae-dir", type=Path, default=None,
+                    help="folder with layer_<L>/ SAEs in sae_lens disk format (default: the model's own: saes/<model>/ "
+                         "for the default model, the stand-in's for the tiny one, the hub release for hub models)")
+    ev.add_argument("--records-dir", default=str(RECORDS_DIR), help=records_help)
+    ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     ev.add_argument("--keep-existing", action="store_true",
                     help="skip every run whose record exists already, whatever commit it ran at (its row on the "
                          "leaderboard names that commit); for filling in a battery over several sessions")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--quiet", action="store_true",
+                    help="no progress bars (one line per stage and the summary are still printed)")
     ev.add_argument("--timeout", type=float, default=EVALUATE_TIMEOUT,
                     help="time limit in seconds for a submission's child process")
     ev.add_argument("--shard", default="0/1", metavar="I/N",
@@ -285,17 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     ba = sub.add_parser("battery", help="run the full battery's planned runs that have no record yet",
+                        formatter_class=_Help,
                         description="The full battery on the default model (benchmark/battery.py): every built-in "
                                     "defense and the example submission on every suite it fits, with its constrained "
                                     "attack, `none` and the soft-suffix baseline. Runs each planned `benchmark "
                                     "evaluate` with --keep-existing, then lists which planned runs have a record.")
     ba.add_argument("--list", action="store_true", help="only list the planned runs and which have a record")
-    ba.add_argument("--records-dir", default=str(RECORDS_DIR))
-    ba.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    ba.add_argument("--quiet", action="store_true", help="no progress bars")
+    ba.add_argument("--records-dir", default=str(RECORDS_DIR), help=records_help)
+    ba.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    ba.add_argument("--quiet", action="store_true",
+                    help="no progress bars (one line per stage and the summaries are still printed)")
     ba.set_defaults(func=cmd_battery)
 
     me = sub.add_parser("merge", help="combine the shard files of `evaluate --shard` into run records",
+                        formatter_class=_Help,
                         description="Combine shard files (<suite>__<mode>.shard-i-of-n.json) into the record a "
                                     "single run writes, beside them. Every shard of a run must be there and have "
                                     "the same fingerprint. The shard files are removed afterwards.")
@@ -303,33 +350,46 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--keep-shards", action="store_true", help="keep the shard files after merging")
     me.set_defaults(func=cmd_merge)
 
-    va = sub.add_parser("validate", help="check a submitted defense (runs its code in a child process)")
-    va.add_argument("folder", help="submission folder, e.g. submissions/decoder_span_ablation")
+    va = sub.add_parser("validate", help="check a submitted or installed defense (runs its code in a child process)",
+                        formatter_class=_Help,
+                        description="Check a defense the way a submission is checked: the interface, its parameters, "
+                                    "and a run on the tiny stand-in model (fit, edit, readouts, a gradient; every "
+                                    "output finite). Takes a submission folder or the name of a registered defense "
+                                    "(a built-in, or a plugin an installed package provides).")
+    va.add_argument("folder", help="submission folder (e.g. submissions/decoder_span_ablation), or a registered "
+                                   "defense's name (e.g. one from an installed plugin)")
+    va.add_argument("-D", "--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="constructor parameter of a named defense on the tiny model (4 layers, d_model 64), "
+                         "repeatable; a submission uses its manifest's validation_parameters")
     va.add_argument("--timeout", type=float, default=VALIDATE_TIMEOUT, help="time limit in seconds")
     va.set_defaults(func=cmd_validate)
 
     lb = sub.add_parser("leaderboard", help="regenerate leaderboard/README.md, leaderboard.csv, index.html and the "
-                                             "table in README.md from the run records")
-    lb.add_argument("--records-dir", default=str(RECORDS_DIR))
-    lb.add_argument("--out-dir", default=str(RECORDS_DIR.parent))
+                                             "table in README.md from the run records", formatter_class=_Help)
+    lb.add_argument("--records-dir", default=str(RECORDS_DIR), help=records_help)
+    lb.add_argument("--out-dir", default=str(RECORDS_DIR.parent), help="folder of the generated tables and page")
     lb.add_argument("--readme", default=None,
                     help="README whose leaderboard section to rewrite (default: the repository's README.md when "
                          "--out-dir is the default, else none)")
     lb.set_defaults(func=cmd_leaderboard)
 
-    sub.add_parser("defenses", help="list registered defenses").set_defaults(func=cmd_defenses)
-    sub.add_parser("tasks", help="list registered task suites").set_defaults(func=cmd_tasks)
-    sub.add_parser("attacks", help="list registered attacks: threat model, constraints claimed, what each does"
-                   ).set_defaults(func=cmd_attacks)
+    sub.add_parser("defenses", help="list registered defenses (and installed plugins that cannot be used)",
+                   formatter_class=_Help).set_defaults(func=cmd_defenses)
+    sub.add_parser("tasks", help="list registered task suites (and installed plugins that cannot be used)",
+                   formatter_class=_Help).set_defaults(func=cmd_tasks)
+    sub.add_parser("attacks", help="list registered attacks: threat model, constraints claimed, what each does "
+                                   "(and installed plugins that cannot be used)",
+                   formatter_class=_Help).set_defaults(func=cmd_attacks)
 
-    tr = sub.add_parser("train-saes", help="train the default model's reference SAEs (the better part of an hour on 2 cores)")
-    tr.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16])
-    tr.add_argument("--width", type=int, default=4608)
-    tr.add_argument("--k", type=int, default=64)
-    tr.add_argument("--tokens", type=int, default=400_000)
-    tr.add_argument("--steps", type=int, default=2500)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--out", default="saes/smollm2-135m-instruct")
+    tr = sub.add_parser("train-saes", help="train the default model's reference SAEs (the better part of an hour on 2 "
+                                           "cores)", formatter_class=_Help)
+    tr.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16], help="blocks whose output the SAEs read")
+    tr.add_argument("--width", type=int, default=4608, help="latents per SAE")
+    tr.add_argument("--k", type=int, default=64, help="active latents per token (BatchTopK) during training")
+    tr.add_argument("--tokens", type=int, default=400_000, help="training tokens")
+    tr.add_argument("--steps", type=int, default=2500, help="optimizer steps")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the data order and initialization")
+    tr.add_argument("--out", default="saes/smollm2-135m-instruct", help="folder to write layer_<L>/ SAEs to")
     tr.set_defaults(func=cmd_train_saes)
     return parser
 

@@ -5,7 +5,6 @@ resumable and shardable (see :mod:`benchmark.shards`)."""
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,12 +15,14 @@ from torch import Tensor
 from benchmark import __version__
 from benchmark.attacks import ATTACKS, AttackConfig, ExampleOutcome, RecoveryAttack, ResidualAttack, build_attack
 from benchmark.base_residuals import BaseResiduals
+from benchmark.errors import BenchmarkError, NonFiniteError
 from benchmark.forward import (capture, compose, defense_edits, next_token_kl, residual_prefix, run_edited, run_task,
                                task_forward)
 from benchmark.metrics import is_valid_flip
-from benchmark.models import LoadedModel
+from benchmark.models import LoadedModel, load_model
 from benchmark.records import (PATH_FIELDS, RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance,
                                record_path, working_tree_hash, write_record)
+from benchmark.registry import same_definition
 from benchmark.replay import PARTS, margin_shares, replay_parts, stack_deltas
 from benchmark.saes import LoadedSAE
 from benchmark.shards import WHOLE, PartialRun, Shard, chunk_rows, fingerprint, partial_path, recorded_fingerprint
@@ -46,10 +47,16 @@ def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, def
     (starting from ``residuals`` when given, see :func:`shared_prefix`); without a defense, the suite's
     :meth:`TaskSuite.known_base_scores` when it has them."""
     known = task.known_base_scores(batch) if defense is None else None
-    if known is not None:
-        return known
-    forward = task_forward(model, task, lambda part: defense_edits(defense, part), residuals)
-    return batch.map_length_chunks(chunk, lambda part: task.score(forward, part))
+    if known is None:
+        forward = task_forward(model, task, lambda part: defense_edits(defense, part), residuals)
+        known = batch.map_length_chunks(chunk, lambda part: task.score(forward, part))
+    bad = ~torch.isfinite(known)
+    if bool(bad.any()):
+        who = "the undefended model" if defense is None else f"defense '{defense.name}' (sites {defense.sites})"
+        raise NonFiniteError(f"the behavior score is NaN or inf with {who}",
+                             [batch.ids[i] for i in bad.nonzero()[:, 0].tolist()],
+                             "usually the model's output or the suite's score function", suite=task.name)
+    return known
 
 
 @torch.no_grad()
@@ -71,61 +78,106 @@ def defense_edit_size(model: LoadedModel, defense: Defense, batch: PromptBatch, 
 
 
 @contextmanager
-def _phase(name: str, show: bool):
-    """Print how long a phase of the run took (to stderr, beside the progress bars)."""
+def _phase(name: str):
+    """Print how long a phase of the run took, with or without progress bars (on stdout: stderr is for the bars
+    and for errors)."""
     t0 = time.time()
     yield
-    if show:
-        print(f"  {name}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    print(f"  {name}: {time.time() - t0:.1f} s", flush=True)
 
 
 def evaluate(
-    model: LoadedModel,
-    defense_name: str,
-    task_name: str,
-    attack_cfg: AttackConfig,
+    model: LoadedModel | str,
+    defense: str | Defense,
+    task: str,
+    attack: AttackConfig = AttackConfig(),
     defense_params: dict | None = None,
     sae_dir: Path | None = None,
-    records_root: Path = RECORDS_DIR,
+    records_dir: Path | str = RECORDS_DIR,
     progress: bool = True,
     command: str = "",
     shard: Shard = WHOLE,
+    limit: int | None = None,
 ) -> tuple[dict, Path]:
-    """Run one (model, defense, task, attack mode) and write its record; returns the record and its path.
+    """Run ``defense`` on suite ``task`` against ``attack`` and write the run record; returns the record and its path.
+
+    ``model``: a :class:`LoadedModel` or a name :func:`~benchmark.models.load_model` takes (``"tiny"``: the test
+    stand-in, in seconds). ``defense``: a registered name, built with ``defense_params``, or a :class:`Defense`
+    instance built with ``create(...)`` (fitted here). ``sae_dir``: the SAEs (default: the model's own).
+    ``records_dir``: where the record goes, ``<records_dir>/<model>/<defense>/<task>__<mode>.json``. ``limit``: score
+    the first ``limit`` test examples only (a cheap check; the record says so and is never ranked: see
+    :func:`benchmark.records.comparable`). ``progress``: progress bars (the stages are printed either way).
 
     Finished chunks of an interrupted run with the same fingerprint are not run again; a finished record with
     it is returned as it is. With ``shard`` i/n only that shard's chunks run, and the return value is the
     shard's partial run and its path (``benchmark merge`` makes the record).
     """
+    if limit is not None and limit < 1:
+        raise BenchmarkError(f"limit must be a number of test examples >= 1, got {limit}")
+    loaded = load_model(model) if isinstance(model, str) else model
+    try:
+        return _run(loaded, build_defense(defense, defense_params), task, attack, sae_dir, Path(records_dir),
+                    progress, command, shard, limit)
+    except NonFiniteError as err:  # raised where the NaN appeared, which may not know the suite
+        raise err.in_suite(task) from None
+
+
+def build_defense(defense: str | Defense, params: dict | None = None) -> Defense:
+    """The unfitted defense of a run: a registered name built with ``params``, or a :class:`Defense` instance as it
+    is (it must carry what its record needs: ``name`` and ``version``, and ``params`` from ``create``)."""
+    if isinstance(defense, str):
+        return DEFENSES.get(defense).create(**(params or {}))
+    cls = type(defense).__qualname__
+    if not isinstance(defense, Defense):
+        raise BenchmarkError(f"defense must be a registered name or a defenses.base.Defense instance, got a {cls}")
+    if params:
+        raise BenchmarkError(f"defense_params go to a registered defense's constructor; build the instance with "
+                             f"{cls}.create(...) instead")
+    missing = [a for a in ("name", "version") if not isinstance(getattr(defense, a, None), str)]
+    if missing:
+        raise BenchmarkError(f"{cls} needs class attributes {' and '.join(missing)} (strings) for its run record, "
+                             "e.g. name = 'my_defense' and version = '0.1'")
+    if not isinstance(getattr(defense, "params", None), dict):
+        raise BenchmarkError(f"build the {cls} with {cls}.create(...): it records the constructor's arguments as "
+                             "the defense's parameters")
+    owner = DEFENSES.get(defense.name) if defense.name in DEFENSES.names() else type(defense)
+    if not same_definition(owner, type(defense)):  # the same class, or defined again by a re-run notebook cell
+        raise BenchmarkError(f"defense name '{defense.name}' belongs to the registered {owner.__qualname__}; give {cls} "
+                             "a name of its own (a class attribute name = '...', or register it under one)")
+    return defense
+
+
+def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: AttackConfig, sae_dir: Path | None,
+         records_root: Path, progress: bool, command: str, shard: Shard, limit: int | None) -> tuple[dict, Path]:
+    """:func:`evaluate` with its arguments resolved."""
     started = time.time()
     git = git_state()  # the code that runs is the code at the start, whatever changes meanwhile
     code = {"commit": git[0], "dirty": git[1], "diff": working_tree_hash() if git[1] else None}
     torch.manual_seed(attack_cfg.seed)
     task = TASKS.get(task_name)(model.tokenizer)
-    defense = DEFENSES.get(defense_name).create(**(defense_params or {}))
-    with _phase("prepare task", progress):
+    with _phase("prepare task"):
         task.prepare(model)
-    with _phase("fit defense", progress):
+    with _phase("fit defense"):
         ctx = FitContext(model, task, sae_dir)
         defense.fit(ctx)
         for layer in defense.sites:
             ctx.check_site(layer)
-    test = task.encode(task.examples("test"))
+    test = task.encode(task.examples("test")[:limit])
     residuals = shared_prefix(model, task, defense)
-    with _phase("score base and defended", progress):
+    with _phase("score base and defended"):
         scored = [{"id": i, "b_base": float(b), "b_defended": float(d)} for i, b, d in
                   zip(test.ids, behavior_scores(model, task, test, None, residuals=residuals),
                       behavior_scores(model, task, test, defense, residuals=residuals))]
     # attacked in chunks of similar length (less padding); results go back to test order by id
     flips = test.select([r for r in test.length_order() if is_valid_flip(scored[r]["b_base"], scored[r]["b_defended"])])
     attack = build_attack(model, defense, task, attack_cfg) if len(flips) else None
-    head = run_head(model, defense, task, attack_cfg, attack, scored)
+    head = run_head(model, defense, task, attack_cfg, attack, scored, limit)
     run_id = fingerprint(head, attack_cfg.to_record(), code)
-    path = record_path(model.name, defense.name, task.name, attack_cfg.mode, records_root)
+    path = record_path(model.name, defense.name, task.name, attack_cfg.mode, records_root, limit)
     if recorded_fingerprint(path) == run_id:
         print(f"done already: {path} comes from this very run (same fingerprint); delete it to run again", flush=True)
         return load_record(path), path
-    with _phase("side effect, edit size and task metrics", progress):
+    with _phase("side effect, edit size and task metrics"):
         defended = lambda part: defense_edits(defense, part)  # noqa: E731
         head["side_effect"] = (next_token_kl(model, task.control_batch(), defended, residuals=residuals)
                                if defense.sites else 0.0)
@@ -136,7 +188,7 @@ def evaluate(
     partial = PartialRun.resume(partial_path(path, shard), run_id, shard, n_chunks, head,
                                 lambda seconds: provenance(seconds, command, git, run_id), started)
     for c in partial.todo():
-        with _phase(f"chunk {c + 1} of {n_chunks}", progress):
+        with _phase(f"chunk {c + 1} of {n_chunks}"):
             partial.add(c, attack_chunk(attack, flips.select(chunk_rows(c, attack_cfg.batch_size, len(flips))),
                                         progress, residuals))
     if shard != WHOLE:
@@ -148,10 +200,11 @@ def evaluate(
 
 
 def run_head(model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackConfig,
-             attack: RecoveryAttack | None, scored: list[dict]) -> dict:
-    """Every part of the record that does not come from the attack: model, SAEs, fitted defense, task, the attack's
-    settings, and each test example's base and defended scores (``examples``). The engine adds ``side_effect``,
-    ``defense_edit_rel`` and ``task_metrics``; :func:`benchmark.records.build_record` the rest."""
+             attack: RecoveryAttack | None, scored: list[dict], limit: int | None = None) -> dict:
+    """Every part of the record that does not come from the attack: model, SAEs, fitted defense, task (with the
+    ``limit`` on test examples, if any), the attack's settings, and each test example's base and defended scores
+    (``examples``). The engine adds ``side_effect``, ``defense_edit_rel`` and ``task_metrics``;
+    :func:`benchmark.records.build_record` the rest."""
     kind = ATTACKS.get(cfg.mode)
     settings = {"mode": cfg.mode, "threat_model": kind.threat_model, "steps": cfg.steps, "lr": cfg.lr,
                 "eps_rel": cfg.eps[-1], "eps_sweep": list(cfg.eps), "positions": cfg.positions, "jacobian_rank": None,
@@ -169,7 +222,7 @@ def run_head(model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackC
         "defense": {"name": defense.name, "version": defense.version, "params": defense.params,
                     "defended": defense.defended()},
         "task": {"name": task.name, "version": task.version, "data_hash": task.data_hash(), "split": "test",
-                 "split_hashes": task.split_hashes()},
+                 "split_hashes": task.split_hashes(), **({} if limit is None else {"limit": limit})},
         "attack": settings,
         "examples": scored,
     }

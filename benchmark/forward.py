@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from transformers import Cache, DynamicCache
 
-from benchmark.errors import BenchmarkError
+from benchmark.errors import BenchmarkError, NonFiniteError
 from benchmark.models import LoadedModel
 from tasks.base import PromptBatch, TaskSuite, greedy_by_full_passes, greedy_loop
 
@@ -245,11 +245,47 @@ def residual_prefix(residuals: BaseResiduals | None, batch: PromptBatch) -> tupl
 
 
 def defense_edits(defense: Defense | None, batch: PromptBatch) -> dict[int, Edit]:
-    """The defense's edit at each of its sites, over ``batch``'s real tokens (none without a defense)."""
+    """The defense's edit at each of its sites for a forward pass over ``batch``, each checked where it returns
+    (:class:`DefenseEdit`)."""
     if defense is None:
         return {}
     mask = batch.token_mask
-    return {L: (lambda h, L=L: defense.edit(L, h, mask)) for L in defense.sites}
+    return {L: DefenseEdit(defense, L, mask, batch.ids) for L in defense.sites}
+
+
+class DefenseEdit:
+    """``defense.edit`` at ``layer``, checked on what it returns: a tensor of the residual's shape and dtype, all
+    finite (one ``isfinite`` per call; only when it fails is the residual it got checked too, to say where the NaN
+    came from). A bad edit is reported here, naming the defense, the layer and the shapes or the examples, not as a
+    torch error deep inside the forward pass or as NaN in the record."""
+
+    def __init__(self, defense: Defense, layer: int, token_mask: Tensor, ids: list[str]) -> None:
+        self.defense, self.layer, self.token_mask, self.ids = defense, layer, token_mask, ids
+
+    def __call__(self, h: Tensor) -> Tensor:
+        out = self.defense.edit(self.layer, h, self.token_mask)
+        name = f"defense '{self.defense.name}'"
+        if not isinstance(out, Tensor) or out.shape != h.shape or out.dtype != h.dtype:
+            got = (f"shape {list(out.shape)} ({out.dtype})" if isinstance(out, Tensor) else type(out).__name__)
+            raise BenchmarkError(f"{name} returned {got} from its edit at layer {self.layer} for a residual of shape "
+                                 f"{list(h.shape)} ({h.dtype}): edit(layer, h, token_mask) must return h's shape and "
+                                 "dtype")
+        if not bool(torch.isfinite(out).all()):
+            raise self._non_finite(name, h, out)
+        return out
+
+    def _non_finite(self, name: str, h: Tensor, out: Tensor) -> NonFiniteError:
+        bad = ~torch.isfinite(out)
+        rows = bad.flatten(1).any(1).nonzero()[:, 0].tolist() if out.dim() > 1 else []
+        examples = [self.ids[r] for r in rows] if out.shape[0] == len(self.ids) else []
+        counts = f"{int(torch.isnan(out).sum())} NaN and {int(torch.isinf(out).sum())} inf values"
+        if not bool(torch.isfinite(h).all()):
+            return NonFiniteError(f"the residual reaching {name} at layer {self.layer} holds NaN or inf ({counts} "
+                                  "after its edit)", examples, "it comes from below the defense (the model, an "
+                                  "edit at a lower site, or the attack's delta)")
+        return NonFiniteError(f"{name} returned {counts} from its edit at layer {self.layer} on a finite residual",
+                              examples, "look for a division by zero, a log or sqrt of a non-positive number, or an "
+                              "overflow in the edit")
 
 
 def input_embeddings(model: LoadedModel) -> Tensor:

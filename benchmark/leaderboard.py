@@ -30,7 +30,7 @@ from benchmark.paper import PAPER_HEADERS, PAPER_NOTE, paper_rows
 from benchmark.plots import figures
 from benchmark.ranking import (COUNTED, OVER_CAP, SUITES, Cell, Entry, Score, Standing, cells, standings,
                                threat_model)
-from benchmark.records import RECORDS_DIR, REPO_ROOT, load_record, record_files, schema, write_text_atomic
+from benchmark.records import RECORDS_DIR, REPO_ROOT, comparable, load_record, record_files, schema, write_text_atomic
 
 LEADERBOARD_DIR = RECORDS_DIR.parent
 README = REPO_ROOT / "README.md"
@@ -143,6 +143,8 @@ def suite_rows(standing: list[Standing], suite: str, base: Path) -> list[list[st
                 continue
             m, c, score = r["metrics"], r["counts"], Score.of(r)
             attack = f"{r['attack']['mode']} (eps≤{r['attack']['eps_rel']:g})"
+            if not comparable(r):
+                attack += f" · first {r['task']['limit']} examples only: not comparable"
             ranked = suite in s.cells and any(rec is r for _, rec in s.cells[suite].entries)
             rows.append([str(s.rank), s.defense, f"**{attack}**" if ranked else attack, _pct(m["suppression_rate"]),
                          _ci(m, c), _pct(m["robust_suppression"]), _pct(score.headline), _pct(score.auc),

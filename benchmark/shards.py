@@ -32,8 +32,8 @@ from typing import Callable
 
 from benchmark.errors import BenchmarkError
 from benchmark.metrics import is_valid_flip
-from benchmark.records import (SCHEMA_PATH, SHARD_FILE, build_record, checkpoint_path, shard_path, write_json_atomic,
-                               write_record)
+from benchmark.records import (SCHEMA_PATH, SHARD_FILE, build_record, checkpoint_path, remove_stale_temporaries,
+                               shard_path, write_json_atomic, write_record)
 
 FORMAT = "partial-run-1"
 
@@ -119,7 +119,9 @@ class PartialRun:
     def resume(cls, path: Path, fingerprint: str, shard: Shard, total: int, head: dict,
                stamp: Callable[[float], dict], started: float) -> "PartialRun":
         """Pick up the chunks finished in ``path`` when it has this run's fingerprint (else start over, saying
-        why). ``stamp(wall_seconds)`` gives the provenance saved with each write."""
+        why). ``stamp(wall_seconds)`` gives the provenance saved with each write. Temporary files of a write of
+        ``path`` that was killed are removed."""
+        remove_stale_temporaries(path)
         done, before = {}, 0.0
         if path.exists():
             try:

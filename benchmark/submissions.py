@@ -7,6 +7,10 @@ checks that it satisfies the :class:`~defenses.base.Defense` interface and that 
 constructor, and runs it on the tiny stand-in model (:mod:`benchmark.tiny`): fit on the IOI suite, edit a batch,
 read its readouts, and take one gradient through the defended model; every output must be finite.
 
+``benchmark validate NAME`` runs the same checks, in the same child process, on a registered defense: a built-in
+or one an installed package provides through the entry-point group ``sae_recovery_benchmark.defenses``, with its
+constructor's defaults updated by ``-D key=value``.
+
 ``benchmark evaluate --defense submissions/<name>`` also runs in a child process with a time limit: the child
 registers the adapter under the manifest's name and runs the normal ``evaluate``, so run records carry the
 submission's name, its manifest version and its parameters (``-D`` overrides them).
@@ -34,7 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from benchmark.errors import BenchmarkError
+from benchmark.errors import BenchmarkError, one_line
 
 MANIFEST = "submission.json"
 SCHEMA_PATH = Path(__file__).parent / "schema" / "submission.schema.json"
@@ -47,12 +51,6 @@ REQUIRED = ("fit", "sites", "edit", "readouts", "readout_activations", "protecte
 @lru_cache(maxsize=1)
 def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
-
-
-def _one_line(text: object, limit: int = 300) -> str:
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    line = " ".join(lines)
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def is_submission_ref(text: str) -> bool:
@@ -82,11 +80,11 @@ def load_manifest(ref: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text(), parse_constant=_reject_constant)
     except ValueError as err:
-        raise BenchmarkError(f"{path} is not valid JSON: {_one_line(err)}") from None
+        raise BenchmarkError(f"{path} is not valid JSON: {one_line(err)}") from None
     errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(manifest), key=lambda e: list(e.absolute_path))
     if errors:
         where = ".".join(str(p) for p in errors[0].absolute_path) or "(top level)"
-        raise BenchmarkError(f"{path} breaks the submission schema at {where}: {_one_line(errors[0].message)}")
+        raise BenchmarkError(f"{path} breaks the submission schema at {where}: {one_line(errors[0].message)}")
     if manifest["name"] != folder.resolve().name:
         raise BenchmarkError(f"{path}: name '{manifest['name']}' must equal the folder's name '{folder.resolve().name}'")
     return manifest
@@ -125,7 +123,7 @@ def load_adapter(folder: Path, manifest: dict) -> type:
     try:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as err:  # noqa: BLE001 - any failure of submitted code becomes one line
-        raise BenchmarkError(f"adapter '{entry}' does not import: {type(err).__name__}: {_one_line(err)}") from None
+        raise BenchmarkError(f"adapter '{entry}' does not import: {type(err).__name__}: {one_line(err)}") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise BenchmarkError(f"adapter '{entry}': module '{module_name}' has no '{class_name}'")
@@ -173,7 +171,7 @@ def load(ref: str | Path) -> Submission:
 
     folder = _folder(ref).resolve()
     manifest = load_manifest(folder)
-    if manifest["name"] in dict(DEFENSES.items()):
+    if manifest["name"] in DEFENSES:
         raise BenchmarkError(f"submission name '{manifest['name']}' is already a registered defense; choose another")
     for suite in manifest["suites"]:
         TASKS.get(suite)
@@ -184,33 +182,34 @@ def load(ref: str | Path) -> Submission:
     return sub
 
 
-def _guard(name: str, stage: str, fn: Callable):
+def _guard(label: str, stage: str, fn: Callable):
     """Run submitted code; any exception but a BenchmarkError becomes one line naming the stage."""
     try:
         return fn()
     except BenchmarkError:
         raise
     except (Exception, SystemExit) as err:  # noqa: BLE001
-        raise BenchmarkError(f"submission '{name}' failed in {stage}: {type(err).__name__}: {_one_line(err)}") from None
+        raise BenchmarkError(f"{label} failed in {stage}: {type(err).__name__}: {one_line(err)}") from None
 
 
-def _check_tensor(name: str, what: str, t, shape: tuple | None = None, ndim: int | None = None):
+def _check_tensor(label: str, what: str, t, shape: tuple | None = None, ndim: int | None = None):
     import torch
 
     if not isinstance(t, torch.Tensor):
-        raise BenchmarkError(f"submission '{name}': {what} returned {type(t).__name__}, not a tensor")
+        raise BenchmarkError(f"{label}: {what} returned {type(t).__name__}, not a tensor")
     if shape is not None and tuple(t.shape) != tuple(shape):
-        raise BenchmarkError(f"submission '{name}': {what} has shape {list(t.shape)}, expected {list(shape)}")
+        raise BenchmarkError(f"{label}: {what} has shape {list(t.shape)}, expected {list(shape)}")
     if ndim is not None and t.ndim != ndim:
-        raise BenchmarkError(f"submission '{name}': {what} has shape {list(t.shape)}, expected {ndim} dimensions")
+        raise BenchmarkError(f"{label}: {what} has shape {list(t.shape)}, expected {ndim} dimensions")
     if not torch.isfinite(t).all():
         nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-        raise BenchmarkError(f"submission '{name}': {what} produced non-finite values ({nan} NaN, {inf} inf)")
+        raise BenchmarkError(f"{label}: {what} produced non-finite values ({nan} NaN, {inf} inf)")
     return t
 
 
-def smoke_test(sub: Submission, tiny_dir: Path | None = None) -> list[str]:
-    """Run the submission on the tiny stand-in model; returns what was checked, one line each."""
+def smoke_test(label: str, name: str, version: str, cls: type, params: dict, tiny_dir: Path | None = None) -> list[str]:
+    """Run defense ``cls`` (named ``name`` in its run-record entry, ``label`` in messages: "submission 'x'" or
+    "defense 'x'") with ``params`` on the tiny stand-in model; returns what was checked, one line each."""
     import jsonschema
     import torch
 
@@ -222,17 +221,15 @@ def smoke_test(sub: Submission, tiny_dir: Path | None = None) -> list[str]:
     from defenses.base import FitContext
     from tasks import TASKS
 
-    name = sub.name
     with tempfile.TemporaryDirectory(prefix="benchmark-validate-") as tmp:
         root = Path(tiny_dir) if tiny_dir is not None else build_tiny(Path(tmp))
         model = load_model(str(root / "model"))
         task = TASKS.get("ioi")(model.tokenizer)
-        params = sub.params(tiny=True)
-        defense = _guard(name, "its constructor", lambda: sub.cls.create(**params))
-        _guard(name, "fit", lambda: defense.fit(FitContext(model, task, root / "saes")))
-        sites = _guard(name, "sites", lambda: list(defense.sites))
+        defense = _guard(label, "its constructor", lambda: cls.create(**params))
+        _guard(label, "fit", lambda: defense.fit(FitContext(model, task, root / "saes")))
+        sites = _guard(label, "sites", lambda: list(defense.sites))
         if any(not isinstance(L, int) or isinstance(L, bool) or not 0 <= L < model.n_layers for L in sites):
-            raise BenchmarkError(f"submission '{name}': sites {sites} are not layers 0..{model.n_layers - 1}")
+            raise BenchmarkError(f"{label}: sites {sites} are not layers 0..{model.n_layers - 1}")
         lines = [f"fit on ioi (tiny model, parameters {json.dumps(params)}): sites {sites}"]
 
         batch = task.encode(task.examples("dev")[:8])
@@ -241,38 +238,38 @@ def smoke_test(sub: Submission, tiny_dir: Path | None = None) -> list[str]:
         edits = defense_edits(defense, batch)
         probe = {L: compose(capture(seen, L), edits[L]) for L in sites}
         with torch.no_grad():
-            _guard(name, "the defended forward pass", lambda: run_edited(model, batch, probe))
+            _guard(label, "the defended forward pass", lambda: run_edited(model, batch, probe))
             for L in sites:
                 h = seen[L]
-                out = _check_tensor(name, f"edit at layer {L}", _guard(name, f"edit at layer {L}",
-                                                                        lambda: defense.edit(L, h, mask)), h.shape)
+                # its shape, dtype and values were checked where it returned in the pass above (DefenseEdit)
+                out = _guard(label, f"edit at layer {L}", lambda: defense.edit(L, h, mask))
                 if not torch.equal(out[~mask], h[~mask]):
-                    raise BenchmarkError(f"submission '{name}': edit at layer {L} changed positions outside "
+                    raise BenchmarkError(f"{label}: edit at layer {L} changed positions outside "
                                          "token_mask (padding or the attention sink)")
                 cut = h.shape[1] - 2  # the edit of a prefix must be the prefix of the edit (no look-ahead)
-                early = _guard(name, f"edit at layer {L}", lambda: defense.edit(L, h[:, :cut], mask[:, :cut]))
+                early = _guard(label, f"edit at layer {L}", lambda: defense.edit(L, h[:, :cut], mask[:, :cut]))
                 if not torch.allclose(early, out[:, :cut], atol=1e-5, rtol=1e-4):
-                    raise BenchmarkError(f"submission '{name}': edit at layer {L} is not causal (its output at a "
+                    raise BenchmarkError(f"{label}: edit at layer {L} is not causal (its output at a "
                                          "position changes with later positions); generation with a key/value "
                                          "cache needs causal edits")
-                pre = _check_tensor(name, f"readouts at layer {L}",
-                                    _guard(name, f"readouts at layer {L}", lambda: defense.readouts(L, h)), ndim=3)
+                pre = _check_tensor(label, f"readouts at layer {L}",
+                                    _guard(label, f"readouts at layer {L}", lambda: defense.readouts(L, h)), ndim=3)
                 if tuple(pre.shape[:2]) != tuple(h.shape[:2]):
-                    raise BenchmarkError(f"submission '{name}': readouts at layer {L} have shape {list(pre.shape)}, "
+                    raise BenchmarkError(f"{label}: readouts at layer {L} have shape {list(pre.shape)}, "
                                          f"expected [{h.shape[0]}, {h.shape[1]}, n]")
-                _check_tensor(name, f"readout_activations at layer {L}",
-                              _guard(name, f"readout_activations at layer {L}",
+                _check_tensor(label, f"readout_activations at layer {L}",
+                              _guard(label, f"readout_activations at layer {L}",
                                      lambda: defense.readout_activations(L, pre)), pre.shape)
-                dirs = _check_tensor(name, f"protected_directions at layer {L}",
-                                     _guard(name, f"protected_directions at layer {L}",
+                dirs = _check_tensor(label, f"protected_directions at layer {L}",
+                                     _guard(label, f"protected_directions at layer {L}",
                                             lambda: defense.protected_directions(L)), ndim=2)
                 if dirs.shape[1] != model.d_model:
-                    raise BenchmarkError(f"submission '{name}': protected_directions at layer {L} have shape "
+                    raise BenchmarkError(f"{label}: protected_directions at layer {L} have shape "
                                          f"{list(dirs.shape)}, expected [n, {model.d_model}]")
                 lines.append(f"layer {L}: edit, {pre.shape[-1]} readouts and {dirs.shape[0]} protected directions are finite")
-            logits = _guard(name, "the defended forward pass", lambda: run_edited(model, batch, edits))
-            _check_tensor(name, "the defended model's logits", logits)
-            b = _check_tensor(name, "the defended behavior score", task.behavior(logits, batch))
+            logits = _guard(label, "the defended forward pass", lambda: run_edited(model, batch, edits))
+            _check_tensor(label, "the defended model's logits", logits)
+            b = _check_tensor(label, "the defended behavior score", task.behavior(logits, batch))
         lines.append(f"defended forward pass on {len(batch)} ioi prompts is finite (mean behavior score {float(b.mean()):.3f})")
 
         if sites:
@@ -286,37 +283,65 @@ def smoke_test(sub: Submission, tiny_dir: Path | None = None) -> list[str]:
                 if loss.requires_grad:  # False when the edit cuts delta off the graph: a zero gradient
                     loss.backward()
 
-            _guard(name, "the attacker's backward pass", backward)
+            _guard(label, "the attacker's backward pass", backward)
             grad = delta.grad if delta.grad is not None else torch.zeros_like(delta)
-            _check_tensor(name, f"the attacker's gradient at layer {layer}", grad, delta.shape)
+            _check_tensor(label, f"the attacker's gradient at layer {layer}", grad, delta.shape)
             if not grad.abs().max() > 0:
-                raise BenchmarkError(f"submission '{name}': the attacker's gradient through the defense at layer "
+                raise BenchmarkError(f"{label}: the attacker's gradient through the defense at layer "
                                      f"{layer} is zero (the edit must be differentiable)")
             lines.append(f"gradient through the defended model at layer {layer} is finite and non-zero")
 
-        defended = _guard(name, "defended()", defense.defended)
-        section = {"name": name, "version": sub.manifest["version"], "params": defense.params, "defended": defended}
+        defended = _guard(label, "defended()", defense.defended)
+        section = {"name": name, "version": version, "params": defense.params, "defended": defended}
         rs = record_schema()
         errors = list(jsonschema.Draft202012Validator({**rs["properties"]["defense"], "$defs": rs["$defs"]})
                       .iter_errors(section))
         if errors:
             where = ".".join(str(p) for p in errors[0].absolute_path) or "(top level)"
-            raise BenchmarkError(f"submission '{name}': its run-record entry is invalid at {where}: "
-                                 f"{_one_line(errors[0].message)}")
+            raise BenchmarkError(f"{label}: its run-record entry is invalid at {where}: "
+                                 f"{one_line(errors[0].message)}")
         try:
             json.dumps(section, allow_nan=False)
         except (TypeError, ValueError) as err:
-            raise BenchmarkError(f"submission '{name}': parameters or defended() are not JSON: {_one_line(err)}") from None
+            raise BenchmarkError(f"{label}: parameters or defended() are not JSON: {one_line(err)}") from None
         lines.append(f"run-record entry is valid ({sum(len(d['features']) for d in defended)} defended features)")
     return lines
 
 
-def validate(ref: str | Path, tiny_dir: Path | None = None) -> list[str]:
-    """Everything ``benchmark validate`` checks, in this process (the child's work)."""
+def validate(ref: str | Path, tiny_dir: Path | None = None, params: dict | None = None) -> list[str]:
+    """Everything ``benchmark validate`` checks, in this process (the child's work): a submission folder, or a
+    registered defense's name (``params``: its constructor arguments on the tiny model)."""
+    if not is_submission_ref(str(ref)):
+        return validate_registered(str(ref), params or {}, tiny_dir)
     sub = load(ref)
+    label = f"submission '{sub.name}'"
     lines = [f"manifest {sub.folder / MANIFEST} matches the schema",
              f"adapter {sub.manifest['adapter']} satisfies the Defense interface; parameters fit its constructor"]
-    return lines + smoke_test(sub, tiny_dir) + [f"submission '{sub.name}' {sub.manifest['version']} is valid"]
+    checks = smoke_test(label, sub.name, sub.manifest["version"], sub.cls, sub.params(tiny=True), tiny_dir)
+    return lines + checks + [f"{label} {sub.manifest['version']} is valid"]
+
+
+def validate_registered(name: str, params: dict, tiny_dir: Path | None = None) -> list[str]:
+    """The checks of a submission, on the registered defense ``name`` (a built-in or an installed plugin) with its
+    constructor's defaults updated by ``params``."""
+    from defenses import DEFENSES
+    from defenses.base import Defense, check_params
+
+    cls = DEFENSES.get(name)
+    label = f"defense '{name}'"
+    if not (isinstance(cls, type) and issubclass(cls, Defense)):
+        raise BenchmarkError(f"{label} is {cls!r}, not a subclass of defenses.base.Defense: its registration (or "
+                             "entry point) must name the class")
+    missing = sorted(getattr(cls, "__abstractmethods__", ())) + [
+        a for a in ("version", "description") if not isinstance(getattr(cls, a, None), str)]
+    if missing:
+        raise BenchmarkError(f"{label} ({cls.__module__}.{cls.__qualname__}) does not satisfy the Defense interface: "
+                             f"missing {', '.join(missing)} (implement the methods; version and description are "
+                             "class attributes, strings)")
+    check_params(cls, params)
+    lines = [f"{label} ({cls.__module__}.{cls.__qualname__}) satisfies the Defense interface; parameters fit its "
+             "constructor"]
+    return lines + smoke_test(label, name, cls.version, cls, params, tiny_dir) + [f"{label} {cls.version} is valid"]
 
 
 # ----------------------------------------------------------------------------------------------- parent side
@@ -335,25 +360,31 @@ def _child_failure(proc: subprocess.CompletedProcess, what: str) -> str:
         if line.startswith("error: "):
             return line[len("error: "):]
     last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "no output")
-    return f"{what} crashed (exit status {proc.returncode}): {_one_line(last)}"
+    return f"{what} crashed (exit status {proc.returncode}): {one_line(last)}"
 
 
-def validate_in_child(ref: str | Path, timeout: float = VALIDATE_TIMEOUT) -> list[str]:
-    """``benchmark validate``: the manifest here, the rest in a child process bounded by ``timeout`` seconds."""
-    manifest = load_manifest(ref)
-    folder = _folder(ref).resolve()
-    cmd = [sys.executable, "-m", "benchmark.submissions", "validate", str(folder)]
+def validate_in_child(ref: str | Path, timeout: float = VALIDATE_TIMEOUT, params: dict | None = None) -> list[str]:
+    """``benchmark validate``: a submission's manifest here, the rest in a child process bounded by ``timeout``
+    seconds; a registered defense's name (``params``: its constructor arguments on the tiny model) all there."""
+    if is_submission_ref(str(ref)):
+        if params:
+            raise BenchmarkError("-D applies to a defense named by its registered name; a submission is validated "
+                                 "with its manifest's validation_parameters")
+        label = f"submission '{load_manifest(ref)['name']}'"
+        cmd = [sys.executable, "-m", "benchmark.submissions", "validate", str(_folder(ref).resolve())]
+    else:
+        label = f"defense '{ref}'"
+        cmd = [sys.executable, "-m", "benchmark.submissions", "validate", str(ref), "--params", json.dumps(params or {})]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env())
     except subprocess.TimeoutExpired:
-        raise BenchmarkError(f"validation of submission '{manifest['name']}' did not finish within {timeout:g} s "
+        raise BenchmarkError(f"validation of {label} did not finish within {timeout:g} s "
                              "(its process was stopped; --timeout raises the limit)") from None
     if proc.returncode != 0:
-        raise BenchmarkError(_child_failure(proc, f"validation of submission '{manifest['name']}'"))
+        raise BenchmarkError(_child_failure(proc, f"validation of {label}"))
     lines = proc.stdout.splitlines()
-    if not any(line.startswith(f"ok: submission '{manifest['name']}'") for line in lines):
-        raise BenchmarkError(f"validation of submission '{manifest['name']}' ended without a result "
-                             "(did its code exit the process?)")
+    if not any(line.startswith(f"ok: {label}") for line in lines):
+        raise BenchmarkError(f"validation of {label} ended without a result (did its code exit the process?)")
     return lines
 
 
@@ -402,15 +433,16 @@ def main(argv: list[str] | None = None) -> int:
                                      description="run a submitted defense (executes its code)")
     sub = parser.add_subparsers(dest="command", required=True)
     va = sub.add_parser("validate")
-    va.add_argument("folder")
+    va.add_argument("folder", help="submission folder, or a registered defense's name")
     va.add_argument("--tiny-dir", type=Path, default=None, help="reuse tiny stand-ins built by benchmark.tiny.build_tiny")
+    va.add_argument("--params", type=json.loads, default={}, help="a registered defense's constructor arguments (JSON)")
     ev = sub.add_parser("evaluate")
     ev.add_argument("folder")
     ev.add_argument("args", nargs=argparse.REMAINDER, help="-- then the `benchmark` command line (evaluate ...)")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
-            for line in validate(args.folder, args.tiny_dir):
+            for line in validate(args.folder, args.tiny_dir, args.params):
                 print(f"ok: {line}")
             return 0
         from benchmark.cli import main as cli_main
@@ -420,12 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["benchmark", *rest]  # the run record's command is the user's command line
         return cli_main(rest)
     except BenchmarkError as err:
-        print(f"error: {_one_line(err, 1000)}", file=sys.stderr)
+        print(f"error: {one_line(err, 1000)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - submitted code may raise anything; one line, no traceback
         if os.environ.get("BENCHMARK_DEBUG"):
             raise
-        print(f"error: submission {args.folder} failed: {type(err).__name__}: {_one_line(err)} "
+        print(f"error: submission {args.folder} failed: {type(err).__name__}: {one_line(err)} "
               "(BENCHMARK_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 

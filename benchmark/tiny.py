@@ -2,13 +2,17 @@
 JumpReLU SAEs at every layer. Nothing is downloaded and nothing is trained.
 
 The tests build them once per session; ``benchmark validate`` builds them in a temporary folder to run a
-submitted defense end to end in a few seconds.
+submitted defense end to end in a few seconds; ``--model tiny`` (:func:`cached_tiny`) builds them once into the
+cache, for a first run in seconds (its figures mean nothing).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -78,3 +82,19 @@ def build_tiny(root: Path, extra_texts: tuple[str, ...] = ()) -> Path:
     build_tiny_model(root / "model", extra_texts)
     build_tiny_saes(root / "saes")
     return root
+
+
+def cached_tiny(cache: Path) -> Path:
+    """:func:`build_tiny`'s folder under ``cache``, built on first use and kept, keyed by this file and the IOI data
+    (what it is made from)."""
+    key = hashlib.sha256(Path(__file__).read_bytes() + IOI_DATA.read_bytes()).hexdigest()[:16]
+    target = Path(cache) / key
+    if not (target / "saes").is_dir():
+        tmp = target.with_name(f"{key}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny(tmp)
+        try:
+            tmp.rename(target)  # atomic: a crash never leaves a half-built entry
+        except OSError:  # another process built it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -4,7 +4,7 @@ evaluated on the tiny model (the worked example in examples/quiet_attack), and t
 from __future__ import annotations
 
 import sys
-from importlib.metadata import EntryPoint
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -27,19 +27,22 @@ def test_attacks_command_lists_every_builtin_with_its_threat_model(capsys):
 
 
 @pytest.fixture
-def quiet_plugin(monkeypatch):
-    """The example package on sys.path and its entry point visible to the attack registry, as `pip install -e
-    examples/quiet_attack` would make it."""
-    import benchmark.registry
-
-    monkeypatch.syspath_prepend(str(EXAMPLE))
-    ep = EntryPoint("quiet_encoder", "quiet_attack:QuietEncoderAttack", "sae_recovery_benchmark.attacks")
-    real = benchmark.registry.entry_points
-    monkeypatch.setattr(benchmark.registry, "entry_points",
-                        lambda group=None: [ep] if group == ep.group else real(group=group))
-    monkeypatch.setattr(ATTACKS, "_plugins_loaded", False)
+def quiet_plugin(tmp_path, monkeypatch):
+    """The example package installed as pip leaves it (its ``.dist-info`` with the entry points of its
+    pyproject.toml, and its code on ``sys.path``); the attack registry lists its plugins afresh."""
+    site = tmp_path / "site"
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    group = "sae_recovery_benchmark.attacks"
+    (info / "entry_points.txt").write_text(
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in project["entry-points"][group].items()))
+    for folder in (site, EXAMPLE):
+        monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setattr(ATTACKS, "_items", dict(ATTACKS._items))  # both restored after the test
+    monkeypatch.setattr(ATTACKS, "_plugins", None)
     yield
-    ATTACKS._items.pop("quiet_encoder", None)
     sys.modules.pop("quiet_attack", None)
 
 
@@ -80,7 +83,7 @@ def test_an_attack_must_declare_a_known_threat_model(tiny_model, ioi, fitted_cla
         with pytest.raises(BenchmarkError, match="threat model 'whatever works'"):
             build_attack(tiny_model, fitted_clamp, ioi, AttackConfig(mode="vague_test_attack"))
     finally:
-        ATTACKS._items.pop("vague_test_attack")
+        del ATTACKS._items["vague_test_attack"]
 
 
 def test_unknown_attack_names_the_registered_ones():

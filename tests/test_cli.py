@@ -1,5 +1,6 @@
 """Bad input exits non-zero with one clear line naming the problem."""
 
+import argparse
 import platform
 
 import pytest
@@ -125,3 +126,45 @@ def test_glibc_keeps_freed_memory_unless_its_defaults_are_asked_for(monkeypatch)
     assert keep_freed_memory() is False
     monkeypatch.delenv(GLIBC_DEFAULTS_ENV)
     assert keep_freed_memory() is True
+
+
+def test_a_first_run_in_seconds_on_the_tiny_model(capsys, tmp_path, monkeypatch):
+    """`--model tiny` builds the stand-in into the cache (with its SAEs as the default --sae-dir); `--limit` scores
+    the first test examples, says so in the record and its file name, and the record is never ranked; `--quiet`
+    drops the progress bars but not the stage lines."""
+    import json
+
+    from benchmark.records import RECORDS_DIR, comparable
+
+    monkeypatch.setenv("BENCHMARK_CACHE", str(tmp_path / "cache"))
+    records = tmp_path / "records"
+    code = main(["evaluate", "--model", "tiny", "--defense", "sae_clamp", "--tasks", "ioi", "--limit", "8",
+                 "--records-dir", str(records), "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    path = records / "tiny" / "sae_clamp" / "ioi__encoder.limit-8.json"
+    assert "(8 examples, the first 8 only: not comparable, never ranked)" in out and str(path) in out
+    record = json.loads(path.read_text())
+    assert record["task"]["limit"] == 8 and len(record["examples"]) == 8 and not comparable(record)
+    assert record["saes"][0]["release"].startswith(str(tmp_path / "cache" / "tiny"))
+    assert comparable(json.loads((RECORDS_DIR / "smollm2-135m-instruct" / "sae_clamp" / "ioi__encoder.json").read_text()))
+    stages = ["prepare task", "fit defense", "score base and defended", "side effect, edit size and task metrics",
+              "chunk 1 of 1"]
+    assert [line.split(":")[0].strip() for line in out.splitlines() if line.endswith(" s")] == stages
+    assert "attack[encoder]" not in err, "no progress bar"
+    with pytest.raises(SystemExit) as bad:
+        main(["evaluate", "--defense", "sae_clamp", "--limit", "0"])
+    assert bad.value.code == 2 and "--limit: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_every_help_shows_the_defaults():
+    from benchmark.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+                shown = ",".join(map(str, action.default)) if isinstance(action.default, tuple) else action.default
+                assert f"(default: {shown})" in text, f"`benchmark {name} --help` hides the default of {action.dest}"

@@ -69,3 +69,10 @@ def test_path_metrics_quartiles_and_margin_replay():
     assert m["margin_reached_rate"] == 0.75 and m["margin_replay_error_recovery"] == 0.75
     assert m["margin_replay_latent_recovery"] == 0.0
     assert path_metrics([_row(True, False)]) == (0, {k: None for k in m})
+
+
+def test_robust_suppression_auc_stays_a_rate_under_float_error():
+    """Everything suppressed and never recovered: the area is exactly 1, not 1 + float error (the schema's maximum)."""
+    rows = [_row(True, False)] * 7
+    sweep = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    assert robust_suppression_auc(rows, sweep) == 1.0

@@ -1,11 +1,17 @@
-"""Run records: schema acceptance and rejection, strict JSON, atomic writes, committed records."""
+"""Run records: schema acceptance and rejection, strict JSON, atomic writes, committed records, and the code state a
+run records (generated outputs are not code)."""
 
 import copy
 import json
+import os
+import shutil
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from benchmark import records
 from benchmark.errors import BenchmarkError
 from benchmark.records import RECORDS_DIR, load_record, record_files, validate_record, write_json_atomic
 
@@ -66,3 +72,78 @@ def test_atomic_write_keeps_old_file_when_serialization_fails(tmp_path):
 @pytest.mark.parametrize("path", record_files(RECORDS_DIR), ids=lambda p: str(p.relative_to(RECORDS_DIR)))
 def test_committed_records_validate(path: Path):
     load_record(path)
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A git repository shaped like this one: code, a README with a generated section, leaderboard/."""
+    root = tmp_path / "repo"
+    (root / "leaderboard").mkdir(parents=True)
+    (root / "code.py").write_text("x = 1\n")
+    (root / "README.md").write_text("# Title\n\n<!-- leaderboard:start -->\nold table\n<!-- leaderboard:end -->\n\nUsage.\n")
+    (root / "leaderboard" / "README.md").write_text("old\n")
+    _git(root, "init", "-q")
+    _git(root, "add", ".")
+    _git(root, "commit", "-q", "-m", "start")
+    return root
+
+
+def _code_state(repo: Path, monkeypatch) -> tuple[tuple[str, bool], str | None]:
+    """What a run started in ``repo`` records of its code: (commit, dirty) and the hash of uncommitted changes."""
+    with monkeypatch.context() as mp:
+        mp.setattr(records, "REPO_ROOT", repo)
+        return records.git_state(), records.working_tree_hash()
+
+
+def test_regenerating_the_leaderboard_leaves_later_runs_clean_and_their_fingerprint_unchanged(repo, tmp_path,
+                                                                                              monkeypatch):
+    from benchmark.leaderboard import write_leaderboard
+
+    before = _code_state(repo, monkeypatch)
+    assert before[0][1] is False and before[1] is None
+    one = tmp_path / "records" / "m" / "sae_clamp"
+    one.mkdir(parents=True)
+    shutil.copy(RECORDS_DIR / "smollm2-135m-instruct" / "sae_clamp" / "ioi__encoder.json", one)
+    write_leaderboard(tmp_path / "records", repo / "leaderboard", repo / "README.md")
+    assert "old table" not in (repo / "README.md").read_text(), "the generated section was rewritten"
+    assert _code_state(repo, monkeypatch) == before, "same code, same fingerprint: a checkpoint survives"
+
+
+def test_a_change_outside_the_generated_section_is_still_code(repo, monkeypatch):
+    readme = repo / "README.md"
+    readme.write_text(readme.read_text().replace("old table", "new table"))
+    assert _code_state(repo, monkeypatch)[0][1] is False
+    readme.write_text(readme.read_text().replace("Usage.", "Usage, changed."))
+    (_, dirty), changed_readme = _code_state(repo, monkeypatch)
+    assert dirty is True and changed_readme is not None
+    readme.write_text(readme.read_text().replace("new table", "newer table"))
+    assert _code_state(repo, monkeypatch)[1] == changed_readme, "the generated section never enters the hash"
+    (repo / "code.py").write_text("x = 2\n")
+    assert _code_state(repo, monkeypatch)[1] not in (None, changed_readme)
+
+
+def test_a_killed_write_leaves_no_lasting_temporary_file(tmp_path):
+    target = tmp_path / "r.json"
+    dead = tmp_path / ".r.json.999999999.x1y2.tmp"  # a pid no process has: the writer was killed
+    old = tmp_path / ".r.json.abc123xy.tmp"  # from before temporary files named their process
+    live = tmp_path / f".r.json.{os.getpid()}.zz.tmp"  # a write in progress in a live process
+    other = tmp_path / ".s.json.999999999.x1y2.tmp"  # another file's
+    for f in (dead, old, live, other):
+        f.write_text("half")
+    write_json_atomic(target, {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_are_written_with_the_mode_the_umask_gives(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == mode

@@ -20,6 +20,7 @@ class PluginDefense(NoDefense):
 class _FakeEntryPoint:
     def __init__(self, name, obj):
         self.name, self._obj, self.loaded = name, obj, False
+        self.value, self.dist = f"{__name__}:{obj.__name__}", None
 
     def load(self):
         self.loaded = True
@@ -36,7 +37,7 @@ def test_entry_point_is_loaded_by_name(monkeypatch):
 
     monkeypatch.setattr(benchmark.registry, "entry_points", fake_entry_points)
     monkeypatch.setattr(DEFENSES, "_items", dict(DEFENSES._items))  # restored after the test
-    monkeypatch.setattr(DEFENSES, "_plugins_loaded", False)
+    monkeypatch.setattr(DEFENSES, "_plugins", None)
     assert "third_party_defense" not in DEFENSES.names()
     assert DEFENSES.get("third_party_defense") is PluginDefense
     assert asked == ["sae_recovery_benchmark.defenses"] and ep.loaded
@@ -45,13 +46,12 @@ def test_entry_point_is_loaded_by_name(monkeypatch):
     assert DEFENSES.get("sae_clamp").name == "sae_clamp", "built-ins are still there"
 
 
-def test_entry_points_are_not_loaded_for_builtin_names(monkeypatch):
-    def boom(group):
-        raise AssertionError("entry points looked up for a built-in name")
-
-    monkeypatch.setattr(benchmark.registry, "entry_points", boom)
-    monkeypatch.setattr(DEFENSES, "_plugins_loaded", False)
+def test_plugins_are_not_imported_for_builtin_names(monkeypatch):
+    ep = _FakeEntryPoint("third_party_defense", PluginDefense)
+    monkeypatch.setattr(benchmark.registry, "entry_points", lambda group: [ep])
+    monkeypatch.setattr(DEFENSES, "_plugins", None)
     assert DEFENSES.get("sae_clamp").name == "sae_clamp"
+    assert not ep.loaded, "listing entry points (metadata) is enough to know no plugin claims the name"
 
 
 def test_duplicate_registration_is_rejected():
@@ -62,10 +62,24 @@ def test_duplicate_registration_is_rejected():
         pass
 
     reg.register("a")(A)  # the same object again is harmless
-    with pytest.raises(BenchmarkError, match="defense 'a' is already registered"):
+    with pytest.raises(BenchmarkError, match="defense 'a' is already registered by test_registry.*A; register "
+                                             ".*B under another name"):
         @reg.register("a")
         class B:
             pass
+
+
+def test_the_same_class_defined_again_may_register_again():
+    """A notebook cell that defines and registers a defense can be run twice; the newest definition wins."""
+    reg = Registry("defense")
+    classes = []
+    for _ in range(2):  # the cell, run twice
+        @reg.register("mine")
+        class Mine:
+            pass
+
+        classes.append(Mine)
+    assert classes[0] is not classes[1] and reg.get("mine") is classes[1]
 
 
 def test_subclass_gets_its_own_registered_name():

@@ -255,7 +255,7 @@ NAN_CODE = GOOD_CODE + '''
 def test_defense_that_produces_nan(capsys, tmp_path, tiny_dir):
     code, _, err = _child(capsys, write_submission(tmp_path, "nan_maker", NAN_CODE), tiny_dir)
     _one_error(err, code)
-    assert "error: submission 'nan_maker': edit at layer 2 produced non-finite values" in err
+    assert "error: defense 'nan_maker' returned " in err and "NaN and 0 inf values from its edit at layer 2" in err
 
 
 @pytest.mark.parametrize("code_text,message", [
@@ -294,7 +294,7 @@ def test_example_submission_validates_in_a_child_process(capsys):
 def test_nan_is_reported_from_the_child_process_as_one_line(capsys, tmp_path):
     code, _, err = _cli(capsys, "validate", str(write_submission(tmp_path, "nan_child", NAN_CODE)))
     _one_error(err, code)
-    assert "edit at layer 2 produced non-finite values" in err
+    assert "defense 'nan_child' returned " in err and "NaN and 0 inf values from its edit at layer 2" in err
 
 
 def test_validation_has_a_time_limit(capsys, tmp_path):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from benchmark.errors import BenchmarkError
+from benchmark.errors import BenchmarkError, NonFiniteError
 from benchmark.forward import Prefill
 from benchmark.models import LoadedModel
 from benchmark.registry import Registry
@@ -258,6 +258,18 @@ class RecoveryAttack(ABC):
         return sorted(outcomes, key=lambda o: o.index)
 
 
+    def _check_finite(self, t: Tensor, ids: list[str], what: str, hint: str, among: Tensor | None = None) -> None:
+        """Stop the run at NaN or inf in ``t`` [rows, ...], naming the defense, the attacked site, the suite and the
+        examples: row r of ``t`` is example ``ids[r]``, or the r-th of those ``among`` [len(ids)] (bool) marks."""
+        if bool(torch.isfinite(t).all()):
+            return
+        if among is not None:
+            ids = [i for i, keep in zip(ids, among.tolist()) if keep]
+        rows = (~torch.isfinite(t)).reshape(len(t), -1).any(1).nonzero()[:, 0].tolist()
+        site = "the input embeddings" if self.layer is None else f"layer {self.layer}"
+        raise NonFiniteError(f"{what} is NaN or inf with defense '{self.defense.name}' (attack {self.name} at "
+                             f"{site})", [ids[r] for r in rows], f"usually {hint}", suite=self.task.name)
+
     def _hopeless(self, recent: Tensor, updates_left: Tensor) -> Tensor:
         """[rows] bool: the search at the current budget cannot bring b above 0 in ``updates_left`` [rows] updates,
         judged from ``recent`` [rows, patience], b at the last forward passes at that budget (NaN: not yet seen)."""
@@ -348,6 +360,7 @@ class RecoveryAttack(ABC):
             pre = None if chunk.prefill is None else chunk.prefill.select(idx, p - sub.input_ids.shape[1])
             read, seen_att = self.forward(sub, d, h_site=h_site, pre=pre)
             b = self.task.behavior(read, sub).detach()
+            self._check_finite(b, sub.ids, "the behavior score under attack", "the model's output or the suite's score")
             reads = self._readouts(seen_att)
             newly = b > 0
             finish = newly | exhausted[idx]
@@ -364,6 +377,8 @@ class RecoveryAttack(ABC):
             loss = self.loss(read, seen_att, sub)
             loss[keep].sum().backward()
             rows, g = idx[keep], d.grad[keep]
+            self._check_finite(g, sub.ids, "the attack's gradient",
+                               "a point where the edit has no derivative (a sqrt or norm at 0, a division)", keep)
             recent[rows] = torch.cat([recent[rows, 1:], b[keep, None]], 1)
             eps_rows = eps_all[level[rows]]  # [rows] float64: what the record keeps
             eps = eps_rows[:, None].float()  # [rows, 1]
