@@ -82,12 +82,12 @@ REFERENCE = "reference"
 def cmd_evaluate(args) -> int | None:
     import torch
 
-    from benchmark import submissions
+    from benchmark.running import submissions
     from benchmark.attacks import ATTACKS, AttackConfig
-    from benchmark.engine import evaluate
-    from benchmark.models import load_model
-    from benchmark.records import SHARD_FILE, load_record, record_path
-    from benchmark.shards import Shard
+    from benchmark.running.engine import evaluate
+    from benchmark.modeling.models import load_model
+    from benchmark.running.records import SHARD_FILE, load_record, record_path
+    from benchmark.running.shards import Shard
     from defenses import DEFENSES
     from defenses.base import check_params
     from tasks import TASKS
@@ -144,7 +144,7 @@ def cmd_evaluate(args) -> int | None:
 
 
 def cmd_battery(args) -> int | None:
-    from benchmark.battery import PLAN, coverage
+    from benchmark.running.battery import PLAN, coverage
 
     if not args.list:
         extra = ["--keep-existing", "--records-dir", args.records_dir, *(["--quiet"] if args.quiet else []),
@@ -160,7 +160,7 @@ def cmd_battery(args) -> int | None:
 
 
 def _summary(record: dict, tail: str) -> None:
-    from benchmark.records import comparable
+    from benchmark.running.records import comparable
 
     c, m = record["counts"], record["metrics"]
     rate = "n/a" if m["recovery_rate"] is None else f"{m['recovery_rate']:.3f}"
@@ -170,7 +170,7 @@ def _summary(record: dict, tail: str) -> None:
 
 
 def cmd_merge(args) -> None:
-    from benchmark.shards import merge, shard_files
+    from benchmark.running.shards import merge, shard_files
 
     command = "benchmark " + " ".join(shlex.quote(a) for a in args.argv)
     for record_path, files in sorted(shard_files([Path(p) for p in args.paths]).items()):
@@ -182,7 +182,7 @@ def cmd_merge(args) -> None:
 
 
 def cmd_leaderboard(args) -> None:
-    from benchmark.leaderboard import LEADERBOARD_DIR, README, write_leaderboard
+    from benchmark.reporting.leaderboard import LEADERBOARD_DIR, README, write_leaderboard
 
     out_dir = Path(args.out_dir)
     readme = Path(args.readme) if args.readme else README if out_dir.resolve() == LEADERBOARD_DIR.resolve() else None
@@ -222,7 +222,7 @@ def _print_problems(lines: list[str]) -> None:
 
 
 def cmd_validate(args) -> None:
-    from benchmark import submissions
+    from benchmark.running import submissions
 
     what = "the submission's" if submissions.is_submission_ref(args.folder) else "the defense's"
     print(f"validating {args.folder} (this runs {what} code in a child process)", flush=True)
@@ -231,7 +231,7 @@ def cmd_validate(args) -> None:
 
 
 def cmd_train_saes(args) -> None:
-    from benchmark.sae_training import TrainConfig, train_reference_saes
+    from benchmark.modeling.sae_training import TrainConfig, train_reference_saes
 
     cfg = TrainConfig(layers=tuple(args.layers), d_sae=args.width, k=args.k, train_tokens=args.tokens,
                       steps=args.steps, seed=args.seed)
@@ -251,9 +251,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from benchmark.attacks import AttackConfig
     from benchmark.attacks.base import OPTIMIZERS, POSITIONS
-    from benchmark.models import DEFAULT_MODEL, TINY_MODEL
-    from benchmark.records import RECORDS_DIR
-    from benchmark.submissions import EVALUATE_TIMEOUT, VALIDATE_TIMEOUT
+    from benchmark.modeling.models import DEFAULT_MODEL, TINY_MODEL
+    from benchmark.running.records import RECORDS_DIR
+    from benchmark.running.submissions import EVALUATE_TIMEOUT, VALIDATE_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="benchmark", description=__doc__, formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ba = sub.add_parser("battery", help="run the full battery's planned runs that have no record yet",
                         formatter_class=_Help,
-                        description="The full battery on the default model (benchmark/battery.py): every built-in "
+                        description="The full battery on the default model (benchmark/running/battery.py): every built-in "
                                     "defense and the example submission on every suite it fits, with its constrained "
                                     "attack, `none` and the soft-suffix baseline. Runs each planned `benchmark "
                                     "evaluate` with --keep-existing, then lists which planned runs have a record.")
@@ -405,6 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except BenchmarkError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # submitted code may raise anything: in its child process, one line
+        from benchmark.running.submissions import child_failure
+
+        line = child_failure(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
 
 

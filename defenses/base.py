@@ -19,11 +19,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from benchmark import sae_math
+from benchmark.modeling import sae_math
 from benchmark.errors import BenchmarkError
-from benchmark.models import LoadedModel
+from benchmark.modeling.models import LoadedModel
 from benchmark.registry import Registry
-from benchmark.saes import LoadedSAE, load_sae
+from benchmark.modeling.saes import LoadedSAE, load_sae
 from tasks.base import PromptBatch, TaskSuite
 
 
@@ -93,7 +93,7 @@ class Defense(ABC):
         """Defended residual [b, p, d] from ``h`` [b, p, d]; ``token_mask`` [b, p] marks positions it may edit.
 
         Causal: the output at a position depends on ``h`` at that position and earlier ones only (generation with
-        a key/value cache, :meth:`benchmark.forward.EditedForward.greedy`, relies on it)."""
+        a key/value cache, :meth:`benchmark.modeling.forward.EditedForward.greedy`, relies on it)."""
 
     @abstractmethod
     def readouts(self, layer: int, h: Tensor) -> Tensor:
@@ -263,7 +263,7 @@ def top_attributed_features(ctx: FitContext, layer: int, k: int, chunk: int = 32
     Attribution of latent f: sum over fit examples and editable positions of ``z_f * d b / d z_f``, with the
     SAE spliced in and its error term kept (held constant), so the forward pass equals the clean one.
     """
-    from benchmark.forward import run_task
+    from benchmark.modeling.forward import run_task
 
     ctx.check_site(layer)
     sae = ctx.sae(layer).sae

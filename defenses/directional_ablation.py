@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from benchmark.errors import BenchmarkError
-from benchmark.forward import capture, run_edited, run_task
+from benchmark.modeling.forward import capture, run_edited, run_task
 from defenses.base import DEFENSES, Defense, FitContext
 from tasks.base import PromptBatch
 

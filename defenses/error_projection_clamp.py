@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from benchmark import sae_math
+from benchmark.modeling import sae_math
 from benchmark.errors import BenchmarkError
 from defenses.base import DEFENSES, FitContext
 from defenses.sae_clamp import DEFAULT_K, DEFAULT_VALUE, SAEClamp

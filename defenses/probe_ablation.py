@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from benchmark.errors import BenchmarkError
-from benchmark.saes import LoadedSAE
+from benchmark.modeling.saes import LoadedSAE
 from defenses.base import DEFENSES, FitContext
 from defenses.sae_clamp import SAEClamp
 from tasks.base import PromptBatch

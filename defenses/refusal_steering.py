@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark import sae_math
+from benchmark.modeling import sae_math
 from benchmark.errors import BenchmarkError
-from benchmark.forward import Edit, run_edited
-from benchmark.saes import LoadedSAE
+from benchmark.modeling.forward import Edit, run_edited
+from benchmark.modeling.saes import LoadedSAE
 from defenses.base import DEFENSES, FitContext, SAEFeatureDefense
 from tasks.base import PromptBatch
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark import sae_math
+from benchmark.modeling import sae_math
 from benchmark.errors import BenchmarkError
-from benchmark.saes import LoadedSAE
+from benchmark.modeling.saes import LoadedSAE
 from defenses.base import DEFENSES, FitContext, SAEFeatureDefense, top_attributed_features
 
 MODES = ("zero", "negative", "multiply", "set")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from benchmark.errors import BenchmarkError
-from benchmark.saes import LoadedSAE
+from benchmark.modeling.saes import LoadedSAE
 from defenses.base import DEFENSES, FitContext
 from defenses.sae_clamp import SAEClamp
 
@@ -40,7 +40,7 @@ RATIO_FLOOR = 1e-3  # a latent that never fires on the other texts ranks by forg
 def firing_frequency(ctx: FitContext, layer: int, texts: list[str], chunk: int = 16) -> Tensor:
     """[d_sae]: share of the tokens of ``texts`` (first token and padding excluded) where each latent of the SAE
     at ``layer`` is active, read from the residual after block ``layer`` of the undefended model."""
-    from benchmark.forward import run_edited
+    from benchmark.modeling.forward import run_edited
     from tasks.base import encode_prompts
 
     sae = ctx.sae(layer).sae

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full battery on the default model (its plan: benchmark/battery.py): every built-in defense and the example
+# The full battery on the default model (its plan: benchmark/running/battery.py): every built-in defense and the example
 # submission against every suite it fits, with its constrained attack (encoder; jacobian for the multi-site
 # defense), the unconstrained `none` and the soft-suffix baseline; then the leaderboard. Each run writes one
 # record and names its commit.

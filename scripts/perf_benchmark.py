@@ -26,7 +26,7 @@ thread count). Everything runs on the default model with the reference ``sae_cla
   side by side, against one process using every thread (would parallel suites beat torch's threads?).
 - **soft suffix**: one soft-suffix step (prompt prefilled once) against a plain full pass over prompt + suffix.
 - **unembedding**: attack steps with the read positions handed to the unembedding as one contiguous block (what
-  :func:`benchmark.models.unembed_contiguously` does) against the strided slice the model passes by itself,
+  :func:`benchmark.modeling.models.unembed_contiguously` does) against the strided slice the model passes by itself,
   alternating in one process, median over rounds.
 - **default battery**: the summed ``wall_seconds`` of the committed records of the default command
   (``benchmark evaluate --defense reference``: every suite with its reference defense, encoder attack) at the
@@ -52,12 +52,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmark.attacks import AttackConfig, build_attack  # noqa: E402
 from benchmark.attacks.soft_suffix import SoftSuffixAttack, with_suffix  # noqa: E402
-from benchmark.forward import defense_edits  # noqa: E402
+from benchmark.modeling.forward import defense_edits  # noqa: E402
 from benchmark.cli import GLIBC_DEFAULTS_ENV, keep_freed_memory  # noqa: E402
-from benchmark.engine import behavior_scores  # noqa: E402
-from benchmark.forward import run_task  # noqa: E402
-from benchmark.models import DEFAULT_MODEL, contiguous_first_input, load_model  # noqa: E402
-from benchmark.records import RECORDS_DIR, git_state, write_text_atomic  # noqa: E402
+from benchmark.running.engine import behavior_scores  # noqa: E402
+from benchmark.modeling.forward import run_task  # noqa: E402
+from benchmark.modeling.models import DEFAULT_MODEL, contiguous_first_input, load_model  # noqa: E402
+from benchmark.files import write_text_atomic  # noqa: E402
+from benchmark.running.records import RECORDS_DIR, git_state  # noqa: E402
 from defenses import DEFENSES, FitContext  # noqa: E402
 from tasks import TASKS  # noqa: E402
 from tasks.base import PromptBatch  # noqa: E402
@@ -429,7 +430,7 @@ UNEMBED_HEADER = "## Unembedding the read positions"
 
 @contextmanager
 def strided_unembedding(model):
-    """The model without :func:`benchmark.models.unembed_contiguously`'s hook: the unembedding takes the strided
+    """The model without :func:`benchmark.modeling.models.unembed_contiguously`'s hook: the unembedding takes the strided
     slice of the read positions (torch then runs one product per row, each reading the whole weight)."""
     hooks = model.hf.get_output_embeddings()._forward_pre_hooks
     ours = {k: h for k, h in hooks.items() if h is contiguous_first_input}

@@ -5,7 +5,7 @@ A suite is bound to a model's tokenizer. It gives examples per split (``fit`` fo
 :class:`PromptBatch`, scores the behavior from what one forward pass reads (``b > 0`` means the behavior is
 present), and gives the attacker a differentiable per-example loss and a control batch for side effects.
 
-What a forward pass reads (see :func:`benchmark.forward.run_edited`): by default the logits at the last
+What a forward pass reads (see :func:`benchmark.modeling.forward.run_edited`): by default the logits at the last
 ``batch.read_len`` positions, [b, r, vocab] (``r = 1``: the next token after the prompt; ``r > 1``: the prompt
 ends with ``r - 1`` teacher-forced answer tokens, which the attacker may not edit); with ``read_layer`` set, the
 residual after that block, [b, p, d], and the forward stops there. A suite whose behavior needs more than one
@@ -110,7 +110,7 @@ Forward = Callable[[PromptBatch], Tensor]
 
 def greedy(forward: Forward, batch: PromptBatch, new_tokens: int, eos_id: int) -> Tensor:
     """[b, new_tokens] greedy continuation of every prompt of ``batch`` with ``forward``: its own ``greedy``
-    (:class:`benchmark.forward.EditedForward` caches keys and values) when it has one, else
+    (:class:`benchmark.modeling.forward.EditedForward` caches keys and values) when it has one, else
     :func:`greedy_by_full_passes`."""
     own = getattr(forward, "greedy", None)
     if own is not None:

@@ -1,4 +1,4 @@
-"""Tiny stand-ins built offline (see benchmark/tiny.py): a random 4-layer Llama, a word-level tokenizer over the
+"""Tiny stand-ins built offline (see benchmark/modeling/tiny.py): a random 4-layer Llama, a word-level tokenizer over the
 IOI data's words, and random JumpReLU SAEs at every layer. Nothing is downloaded and nothing is trained."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch  # noqa: E402
 # make every forward pass 10-20x slower.
 torch.set_num_threads(1)
 
-from benchmark.tiny import D_MODEL, D_SAE, N_LAYERS, build_tiny, build_tiny_saes  # noqa: E402,F401
+from benchmark.modeling.tiny import D_MODEL, D_SAE, N_LAYERS, build_tiny, build_tiny_saes  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
-    from benchmark.models import load_model
+    from benchmark.modeling.models import load_model
 
     return load_model(str(tiny_dir / "model"))
 
@@ -54,7 +54,7 @@ def fitted_clamp(tiny_model, tiny_dir, ioi):
 def tiny_run(tiny_model, tiny_dir, tmp_path_factory):
     """One end-to-end evaluate on the tiny model: (record, path)."""
     from benchmark.attacks import AttackConfig
-    from benchmark.engine import evaluate
+    from benchmark.running.engine import evaluate
 
     out = tmp_path_factory.mktemp("records")
     cfg = AttackConfig(mode="encoder", eps=(0.05, 0.2, 0.5), steps=15)
@@ -64,8 +64,8 @@ def tiny_run(tiny_model, tiny_dir, tmp_path_factory):
 
 def site_input(model, defense, batch, layer: int = 2):
     """The residual at ``layer`` just before the defense acts there (defense active everywhere, no attack)."""
-    from benchmark.forward import defense_edits
-    from benchmark.forward import capture, compose, run_edited
+    from benchmark.modeling.forward import defense_edits
+    from benchmark.modeling.forward import capture, compose, run_edited
 
     seen = {}
     edits = defense_edits(defense, batch)
@@ -83,8 +83,8 @@ def committed_record_as(defense: str, suite: str, mode: str, budget: float | Non
     import copy
     import json
 
-    from benchmark.metrics import summarize
-    from benchmark.records import RECORDS_DIR
+    from benchmark.running.metrics import summarize
+    from benchmark.running.records import RECORDS_DIR
 
     r = json.loads((RECORDS_DIR / "smollm2-135m-instruct" / "sae_clamp" / "ioi__encoder.json").read_text())
     r["defense"]["name"], r["task"]["name"], r["attack"]["mode"] = defense, suite, mode

@@ -6,9 +6,9 @@ from conftest import site_input
 
 from benchmark.attacks import AttackConfig, build_attack
 
-from benchmark.forward import capture, compose, defense_edits, run_edited
-from benchmark.engine import behavior_scores, shared_prefix
-from benchmark.replay import replay_parts, stack_deltas
+from benchmark.modeling.forward import capture, compose, defense_edits, run_edited
+from benchmark.running.engine import behavior_scores, shared_prefix
+from benchmark.running.replay import replay_parts, stack_deltas
 
 
 def _valid_flips(model, ioi, defense):
@@ -70,7 +70,7 @@ def test_recovered_examples_really_recover_with_defense_active(tiny_model, ioi, 
 
 
 def test_replay_parts_sum_to_delta(tiny_model, ioi, fitted_clamp):
-    from benchmark.replay import split_delta
+    from benchmark.running.replay import split_delta
 
     flips = _valid_flips(tiny_model, ioi, fitted_clamp)
     outcomes = build_attack(tiny_model, fitted_clamp, ioi, AttackConfig(eps=(0.5,), steps=5)).run(flips, progress=False)

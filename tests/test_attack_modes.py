@@ -13,13 +13,13 @@ from benchmark.attacks.base import clip_per_position
 
 from benchmark.attacks.soft_suffix import with_suffix
 
-from benchmark.forward import add, capture, compose, defense_edits, input_embeddings, run_edited
-from benchmark.engine import behavior_scores, evaluate
+from benchmark.modeling.forward import add, capture, compose, defense_edits, input_embeddings, run_edited
+from benchmark.running.engine import behavior_scores, evaluate
 from benchmark.errors import BenchmarkError
-from benchmark.metrics import budget_curve
-from benchmark.records import validate_record
-from benchmark.replay import replay_parts, split_delta
-from benchmark.saes import LoadedSAE
+from benchmark.running.metrics import budget_curve
+from benchmark.running.records import validate_record
+from benchmark.running.replay import replay_parts, split_delta
+from benchmark.modeling.saes import LoadedSAE
 from defenses import DEFENSES, FitContext
 
 MLC = {"layers": [1, 2, 3], "k": 4, "value": -4.0}  # multi_layer_clamp on the tiny model
@@ -138,7 +138,7 @@ def test_jacobian_projection_and_clip_keep_subspace_and_budget(tiny_model, ioi, 
 
 def _downstream_drift(model, defense, flips, outcomes, layer=1, sites=(2, 3)) -> float:
     """Mean over examples of ||a_att - a_def|| / ||a_def|| of the later sites' readouts, recomputed here."""
-    from benchmark.replay import stack_deltas
+    from benchmark.running.replay import stack_deltas
 
     delta = stack_deltas(flips, [o.delta for o in outcomes])
     reads = []
@@ -459,7 +459,7 @@ def test_constructed_saes_are_what_the_replay_tests_claim():
 def test_shares_sum_to_one_for_a_linear_readout():
     """Known answer: with a readout linear in the residual, ``b(h + x) = w . (h + x)``, the three parts of an exact
     split add up to ``delta``, so their shares of the gain ``b(h + delta) - b(h)`` sum to 1."""
-    from benchmark.replay import PARTS, margin_shares
+    from benchmark.running.replay import PARTS, margin_shares
 
     torch.manual_seed(3)
     w_enc = torch.randn(64, 32) / 8
@@ -482,7 +482,7 @@ def test_error_share_is_one_when_the_error_term_carries_delta(tiny_model, ioi):
     """The construction of :func:`test_replay_recovery_carried_by_the_sae_error_term` (``delta`` in the null space
     of the narrow SAE's encoder, so all of it is the error part): replayed margins give an error share of 1 and
     latent and defended shares of 0, through real forward passes with the defense active."""
-    from benchmark.replay import margin_shares
+    from benchmark.running.replay import margin_shares
 
     torch.manual_seed(0)
     w_enc = torch.randn(64, 32) / 8
@@ -502,7 +502,7 @@ def test_error_share_is_one_when_the_error_term_carries_delta(tiny_model, ioi):
 def test_push_to_margin_raises_the_margin_within_the_constraints(tiny_model, ioi, fitted_clamp):
     """Continued at its recovery budget, a just-recovered example's margin rises towards the target, C1 still
     holds (defended pre-activations at the site unchanged) and every position stays within its budget."""
-    from benchmark.replay import stack_deltas
+    from benchmark.running.replay import stack_deltas
 
     flips = ioi.encode(ioi.examples("test"))
     b_base = behavior_scores(tiny_model, ioi, flips, None)

@@ -48,7 +48,7 @@ def quiet_plugin(tmp_path, monkeypatch):
 
 def test_an_attack_from_another_package_is_found_by_entry_point_and_evaluated(quiet_plugin, tiny_model, tiny_dir,
                                                                                 tmp_path, capsys):
-    from benchmark.engine import evaluate
+    from benchmark.running.engine import evaluate
 
     cls = ATTACKS.get("quiet_encoder")
     assert issubclass(cls, EncoderAttack) and cls.threat_model == FEATURE_PRESERVING

@@ -3,10 +3,10 @@ coverage (CLI list and leaderboard table) reports exactly the runs without a rec
 
 import json
 
-from benchmark.battery import PLAN, SUITES, coverage, planned_runs
+from benchmark.running.battery import PLAN, SUITES, coverage, planned_runs
 from benchmark.cli import build_parser, main
-from benchmark.leaderboard import coverage as coverage_table
-from benchmark.leaderboard import standings
+from benchmark.reporting.leaderboard import coverage as coverage_table
+from benchmark.reporting.leaderboard import standings
 from defenses import DEFENSES
 from defenses.base import check_params
 from tasks import TASKS

@@ -5,11 +5,11 @@ import torch
 
 from benchmark.attacks import AttackConfig
 
-from benchmark.forward import capture, defense_edits, run_edited
+from benchmark.modeling.forward import capture, defense_edits, run_edited
 from benchmark.cli import main
-from benchmark.engine import behavior_scores, evaluate
+from benchmark.running.engine import behavior_scores, evaluate
 from benchmark.errors import BenchmarkError
-from benchmark.records import load_record, validate_record
+from benchmark.running.records import load_record, validate_record
 from defenses import DEFENSES, FitContext
 from defenses.sae_clamp import SAEClamp
 

@@ -86,7 +86,7 @@ def test_bad_shard_and_nothing_to_merge(capsys, tmp_path):
 
 
 def test_sharded_evaluate_then_merge(capsys, tiny_dir, tmp_path, monkeypatch):
-    from benchmark import engine
+    from benchmark.running import engine
 
     monkeypatch.setattr(engine, "working_tree_hash", lambda: None)  # edits meanwhile must not split the shards
     records = tmp_path / "records"
@@ -134,7 +134,7 @@ def test_a_first_run_in_seconds_on_the_tiny_model(capsys, tmp_path, monkeypatch)
     drops the progress bars but not the stage lines."""
     import json
 
-    from benchmark.records import RECORDS_DIR, comparable
+    from benchmark.running.records import RECORDS_DIR, comparable
 
     monkeypatch.setenv("BENCHMARK_CACHE", str(tmp_path / "cache"))
     records = tmp_path / "records"

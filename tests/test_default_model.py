@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm():
-    from benchmark.models import load_model
+    from benchmark.modeling.models import load_model
 
     return load_model()
 
@@ -21,7 +21,7 @@ def test_default_model_shape_and_attention_sink(smollm):
     ioi = TASKS.get("ioi")(smollm.tokenizer)
     batch = ioi.encode(ioi.examples("dev")[:8])
     seen = {}
-    from benchmark.forward import capture, run_edited
+    from benchmark.modeling.forward import capture, run_edited
 
     with torch.no_grad():
         run_edited(smollm, batch, {12: capture(seen, 12)})
@@ -32,7 +32,7 @@ def test_default_model_shape_and_attention_sink(smollm):
 
 
 def test_base_model_solves_most_ioi_prompts(smollm):
-    from benchmark.engine import behavior_scores
+    from benchmark.running.engine import behavior_scores
     from tasks import TASKS
 
     ioi = TASKS.get("ioi")(smollm.tokenizer)
@@ -42,7 +42,7 @@ def test_base_model_solves_most_ioi_prompts(smollm):
 
 @pytest.mark.parametrize("layer", [8, 12, 16])
 def test_reference_sae_loads_with_unit_decoder(smollm, layer):
-    from benchmark.saes import load_sae
+    from benchmark.modeling.saes import load_sae
 
     sae = load_sae(smollm, layer)
     assert sae.sae.cfg.d_in == 576 and sae.sae.cfg.architecture() == "jumprelu"
@@ -51,7 +51,7 @@ def test_reference_sae_loads_with_unit_decoder(smollm, layer):
 
 def test_c1_invariant_on_default_model(smollm):
     from benchmark.attacks import AttackConfig, build_attack
-    from benchmark.engine import behavior_scores
+    from benchmark.running.engine import behavior_scores
     from defenses import DEFENSES, FitContext
     from tasks import TASKS
 

@@ -9,11 +9,11 @@ import subprocess
 import pytest
 import torch
 
-from benchmark import saes
+from benchmark.modeling import saes
 from benchmark.attacks import AttackConfig
-from benchmark.engine import evaluate
+from benchmark.running.engine import evaluate
 from benchmark.errors import BenchmarkError, NonFiniteError
-from benchmark.saes import load_sae
+from benchmark.modeling.saes import load_sae
 from defenses.sae_clamp import SAEClamp
 from tasks import TASKS
 

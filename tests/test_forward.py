@@ -9,9 +9,10 @@ from benchmark.attacks.base import attacked_positions
 
 from benchmark.attacks.soft_suffix import suffix_start, with_suffix
 
-from benchmark.forward import add, capture, compose, defense_edits, input_embeddings, prefill, run_continued, run_edited
-from benchmark.base_residuals import BaseResiduals
-from benchmark.engine import behavior_scores, shared_prefix
+from benchmark.modeling.forward import (add, capture, compose, defense_edits, input_embeddings, prefill, run_continued,
+                                        run_edited)
+from benchmark.modeling.base_residuals import BaseResiduals
+from benchmark.running.engine import behavior_scores, shared_prefix
 from tasks.base import PromptBatch
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from benchmark.errors import BenchmarkError
-from benchmark.leaderboard import (LEADERBOARD_DIR, README, README_END, README_START, SUITES, load_records,
+from benchmark.reporting.leaderboard import (LEADERBOARD_DIR, README, README_END, README_START, SUITES, load_records,
                                    render_files, splice_readme, write_leaderboard)
-from benchmark.metrics import MIN_FLIPS, SIDE_EFFECT_CAP
-from benchmark.ranking import OVER_CAP, standings
-from benchmark.records import shard_path
+from benchmark.running.metrics import MIN_FLIPS, SIDE_EFFECT_CAP
+from benchmark.reporting.ranking import OVER_CAP, standings
+from benchmark.running.records import shard_path
 from conftest import committed_record_as as _record
 
 
@@ -121,7 +121,7 @@ def test_worst_case_per_example_over_the_attacks_of_a_threat_model():
     """Two feature-preserving attacks, each recovering a different half of the flips at a different budget: the
     cell counts an example as recovered if either did, at the smaller budget; the unconstrained ceiling and the
     input-space attack do not enter it."""
-    from benchmark.ranking import cells, worst_case
+    from benchmark.reporting.ranking import cells, worst_case
 
     enc = _record("split", "ioi", "encoder", 0.01)
     jac = _record("split", "ioi", "jacobian", 0.1)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from benchmark.metrics import (path_metrics, recovery_budget_median, robust_suppression_at, robust_suppression_auc,
+from benchmark.running.metrics import (path_metrics, recovery_budget_median, robust_suppression_at, robust_suppression_auc,
                                summarize, wilson_interval)
 
 

@@ -39,7 +39,7 @@ def test_update_section_keeps_the_other_headline_keys(tmp_path):
 
 
 def test_the_strided_unembedding_is_the_model_without_our_hook_and_ours_comes_back(tiny_model, ioi):
-    from benchmark.forward import run_edited
+    from benchmark.modeling.forward import run_edited
 
     batch = ioi.encode(ioi.examples("test")[:4])
     batch.read_len = 2

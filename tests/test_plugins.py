@@ -11,7 +11,7 @@ import pytest
 
 from benchmark.attacks import AttackConfig
 from benchmark.cli import main
-from benchmark.engine import evaluate
+from benchmark.running.engine import evaluate
 from benchmark.errors import BenchmarkError
 from defenses import DEFENSES
 

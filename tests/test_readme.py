@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.engine import build_defense
+from benchmark.running.engine import build_defense
 from benchmark.errors import BenchmarkError
-from benchmark.frame import records_to_frame
+from benchmark.reporting.frame import records_to_frame
 from defenses import DEFENSES
 from defenses.sae_clamp import SAEClamp
 

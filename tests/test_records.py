@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import records
+from benchmark.running import records
 from benchmark.errors import BenchmarkError
-from benchmark.records import RECORDS_DIR, load_record, record_files, validate_record, write_json_atomic
+from benchmark.files import write_json_atomic
+from benchmark.running.records import RECORDS_DIR, load_record, record_files, validate_record
 
 
 def test_end_to_end_record_validates_and_has_flips(tiny_run):
@@ -102,7 +103,7 @@ def _code_state(repo: Path, monkeypatch) -> tuple[tuple[str, bool], str | None]:
 
 def test_regenerating_the_leaderboard_leaves_later_runs_clean_and_their_fingerprint_unchanged(repo, tmp_path,
                                                                                               monkeypatch):
-    from benchmark.leaderboard import write_leaderboard
+    from benchmark.reporting.leaderboard import write_leaderboard
 
     before = _code_state(repo, monkeypatch)
     assert before[0][1] is False and before[1] is None

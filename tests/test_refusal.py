@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from benchmark.tiny import build_tiny
+from benchmark.modeling.tiny import build_tiny
 from tasks.refusal import judge as J
 from tasks.refusal.suite import DATA, FALLBACK_TEMPLATE, SPLIT_SIZES, TARGET_TOKENS
 
@@ -80,7 +80,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tiny):
-    from benchmark.models import load_model
+    from benchmark.modeling.models import load_model
 
     return load_model(str(tiny / "model"))
 
@@ -117,7 +117,7 @@ def test_encode_teacher_forces_the_base_answer(suite):
 
 
 def test_teacher_forced_loss_and_margin_by_hand(model, suite):
-    from benchmark.forward import run_edited, run_task
+    from benchmark.modeling.forward import run_edited, run_task
 
     batch = suite.encode(suite.examples("dev")[:4])
     read = run_task(model, suite, batch, {})
@@ -191,7 +191,7 @@ def test_steering_edits_masked_positions_differentiably(steering, suite):
 
 
 def test_gate_turns_steering_on_and_off(steering):
-    from benchmark import sae_math
+    from benchmark.modeling import sae_math
 
     h = torch.randn(2, 6, 64) * 3
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -215,8 +215,8 @@ def test_gate_turns_steering_on_and_off(steering):
 def test_cached_generation_equals_full_passes(model, suite, steering, monkeypatch):
     """Every step of key/value-cached greedy decoding gives the next-token logits of a full pass over the tokens
     so far, with a stateful (running-max gated) defense at two sites, an added delta and a soft input change."""
-    import benchmark.forward as fw
-    from benchmark.forward import defense_edits
+    import benchmark.modeling.forward as fw
+    from benchmark.modeling.forward import defense_edits
     from tasks.base import greedy_loop
 
     batch = suite.prompt_batch(suite.requests("harmful", "dev")[:5])
@@ -285,8 +285,8 @@ def test_the_judge_decides_recovery_whatever_the_margin(model, suite, steering, 
 
 def test_evaluate_writes_a_valid_record(model, tiny, tmp_path):
     from benchmark.attacks import AttackConfig
-    from benchmark.engine import evaluate
-    from benchmark.records import validate_record
+    from benchmark.running.engine import evaluate
+    from benchmark.running.records import validate_record
 
     cfg = AttackConfig(mode="encoder", eps=(0.1, 0.5), steps=3)
     record, path = evaluate(model, "refusal_steering", "refusal", cfg,
@@ -328,7 +328,7 @@ def test_known_base_scores_are_the_undefended_judgement(model, monkeypatch):
     """The base scores come from the base answers made at encoding, judged as :meth:`score` judges the undefended
     model's generation: here a base-like answer, a refusal and a degenerate one (planted as the base answers, and
     spelled by the stand-in for the undefended model)."""
-    from benchmark.engine import behavior_scores
+    from benchmark.running.engine import behavior_scores
     from tasks import TASKS
     from tasks.refusal.suite import NEW_TOKENS
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from benchmark.errors import BenchmarkError
-from benchmark.forward import add, capture, compose, run_edited
-from benchmark.models import PROJECT_PACKAGES, load_model, remote_model
+from benchmark.modeling.forward import add, capture, compose, run_edited
+from benchmark.modeling.models import PROJECT_PACKAGES, load_model, remote_model
 
 
 def _batch(ioi, n=4):
@@ -181,7 +181,7 @@ def served(tiny_model, monkeypatch, ndif_env):
 
 
 def test_served_defended_forward_matches_local(tiny_model, tiny_dir, ioi, served):
-    from benchmark.forward import defense_edits
+    from benchmark.modeling.forward import defense_edits
     from defenses import DEFENSES, FitContext
 
     remote, fake = served

@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-from benchmark import engine
+from benchmark.running import engine
 from benchmark.attacks import AttackConfig, build_attack
-from benchmark.engine import behavior_scores, evaluate
+from benchmark.running.engine import behavior_scores, evaluate
 from benchmark.errors import BenchmarkError
-from benchmark.records import checkpoint_path, load_record, record_files, record_path, shard_path
-from benchmark.replay import replay_parts, stack_deltas
-from benchmark.shards import Shard, chunk_rows, merge, shard_files
+from benchmark.running.records import checkpoint_path, load_record, record_files, record_path, shard_path
+from benchmark.running.replay import replay_parts, stack_deltas
+from benchmark.running.shards import Shard, chunk_rows, merge, shard_files
 
 CFG = AttackConfig(mode="encoder", eps=(0.05, 0.2, 0.5), steps=15, batch_size=24)  # 3 chunks on the tiny model
 PARAMS = {"layer": 2, "k": 8, "value": -4.0}

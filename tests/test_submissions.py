@@ -3,7 +3,7 @@
 
 Bad submissions fail with exit status 2 and one line starting `error:`. The checks that need the adapter's
 code run in a child process under `benchmark validate`; most cases here call the child's entry point
-(`benchmark.submissions.main`) in this process against the session's tiny model to stay fast, and a few go
+(`benchmark.running.submissions.main`) in this process against the session's tiny model to stay fast, and a few go
 through the real child process.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import submissions
+from benchmark.running import submissions
 from benchmark.cli import main
-from benchmark.records import load_record
+from benchmark.running.records import load_record
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "submissions" / "decoder_span_ablation"

@@ -7,8 +7,8 @@ import torch
 
 from benchmark.attacks import AttackConfig
 
-from benchmark.forward import defense_edits, run_edited
-from benchmark.engine import behavior_scores, evaluate
+from benchmark.modeling.forward import defense_edits, run_edited
+from benchmark.running.engine import behavior_scores, evaluate
 from benchmark.errors import BenchmarkError
 from defenses import DEFENSES, FitContext
 from defenses.probe_ablation import tpp_effects
@@ -19,7 +19,7 @@ from tasks.tpp.suite import DATA, balanced_accuracy, fit_probe, mean_pool
 
 @pytest.fixture(scope="session")
 def tpp_dir(tmp_path_factory):
-    from benchmark.tiny import build_tiny
+    from benchmark.modeling.tiny import build_tiny
 
     data = json.loads(DATA.read_text())
     texts = [ex["text"] for split in data["splits"].values() for ex in split] + [c["text"] for c in data["control"]]
@@ -28,7 +28,7 @@ def tpp_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tpp_model(tpp_dir):
-    from benchmark.models import load_model
+    from benchmark.modeling.models import load_model
 
     return load_model(str(tpp_dir / "model"))
 
@@ -65,7 +65,7 @@ def test_committed_data_is_rebuilt_exactly_and_splits_are_disjoint(tpp):
 
 
 def test_relabel_check_rejects_a_wrong_mapping(monkeypatch):
-    from benchmark.data_sources import sae_probes_frame
+    from benchmark.modeling.data_sources import sae_probes_frame
 
     frame = sae_probes_frame(build_data.SOURCE)
     build_data.check_relabel(frame)
@@ -182,7 +182,7 @@ def test_ablation_lowers_the_margin_and_sae_clamp_runs_unchanged(ablation, tpp, 
 
 
 def test_shared_residuals_serve_a_defense_without_sites_at_the_read_layer(tpp, tpp_model):
-    from benchmark.engine import shared_prefix
+    from benchmark.running.engine import shared_prefix
 
     none = DEFENSES.get("none").create()
     store = shared_prefix(tpp_model, tpp, none)

@@ -30,14 +30,14 @@ def _suite_texts() -> tuple[str, ...]:
 
 @pytest.fixture(scope="session")
 def wmdp_dir(tmp_path_factory):
-    from benchmark.tiny import build_tiny
+    from benchmark.modeling.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny_wmdp"), extra_texts=_suite_texts())
 
 
 @pytest.fixture(scope="session")
 def wmdp_model(wmdp_dir):
-    from benchmark.models import load_model
+    from benchmark.modeling.models import load_model
 
     return load_model(str(wmdp_dir / "model"))
 
@@ -48,7 +48,7 @@ def suite(wmdp_model):
 
 
 def _read(model, batch, **kw):
-    from benchmark.forward import run_edited
+    from benchmark.modeling.forward import run_edited
 
     with torch.no_grad():
         return run_edited(model, batch, {}, **kw)
@@ -111,7 +111,7 @@ def test_letter_scoring_reads_letters_and_keeps_questions_right_under_every_orde
 
 
 def test_letter_prepare_keeps_exactly_the_questions_right_under_every_rotation(wmdp_model, monkeypatch):
-    import benchmark.forward
+    import benchmark.modeling.forward
 
     letter = WMDPBioSuite(wmdp_model.tokenizer, scoring="letter", orders=3)
     knows = {ex["id"] for ex in letter.examples("test")[::3]}
@@ -123,7 +123,7 @@ def test_letter_prepare_keeps_exactly_the_questions_right_under_every_rotation(w
             read[i, 0, batch.targets["choices"][i, pick]] = 1.0
         return read
 
-    monkeypatch.setattr(benchmark.forward, "run_edited", oracle)
+    monkeypatch.setattr(benchmark.modeling.forward, "run_edited", oracle)
     letter.prepare(wmdp_model)
     assert {ex["id"] for ex in letter.examples("test")} == knows
 
@@ -163,7 +163,7 @@ def test_builder_rules():
 
 
 def test_frequency_selection_picks_the_feature_that_fires_only_on_target_text(wmdp_model, wmdp_dir, suite):
-    from benchmark.saes import load_sae
+    from benchmark.modeling.saes import load_sae
     from defenses import DEFENSES, FitContext
     from defenses.unlearning_clamp import firing_frequency, select_by_frequency
 
@@ -222,7 +222,7 @@ def test_unlearning_clamp_needs_contrast_texts(wmdp_model, wmdp_dir):
 
 
 def test_generic_sae_clamp_runs_on_the_suite(wmdp_model, wmdp_dir, suite):
-    from benchmark.engine import behavior_scores
+    from benchmark.running.engine import behavior_scores
     from defenses import DEFENSES, FitContext
 
     defense = DEFENSES.get("sae_clamp").create(layer=LAYER, k=8, value=-4.0)
@@ -255,8 +255,8 @@ def test_wmdp_hub_loader(monkeypatch, tmp_path, wmdp_model):
 
 def test_end_to_end_evaluate_writes_a_valid_record(wmdp_model, wmdp_dir, tmp_path):
     from benchmark.attacks import AttackConfig
-    from benchmark.engine import evaluate
-    from benchmark.records import validate_record
+    from benchmark.running.engine import evaluate
+    from benchmark.running.records import validate_record
 
     cfg = AttackConfig(mode="encoder", eps=(0.05, 0.5), steps=4)
     params = {"layer": LAYER, "k": 8, "value": -5.0}

@@ -34,8 +34,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from benchmark.errors import BenchmarkError, NonFiniteError
-from benchmark.forward import Prefill
-from benchmark.models import LoadedModel
+from benchmark.modeling.forward import Prefill
+from benchmark.modeling.models import LoadedModel
 from benchmark.registry import Registry
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite

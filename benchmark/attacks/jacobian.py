@@ -1,7 +1,7 @@
 """``jacobian``: the feature-preserving attack across sites (C1-C4).
 
 Besides C1 at the attacked site, ``delta`` is projected onto the null space of the Jacobian of every later site's
-defended readouts (see :mod:`benchmark.jacobian`; first order, computed once per example at ``delta = 0``): exact
+defended readouts (see :mod:`benchmark.attacks.cross_site`; first order, computed once per example at ``delta = 0``): exact
 when every example has at most ``jacobian_exact_rows`` cross-site readouts, else a randomized estimate from
 ``jacobian_rank`` probes. The record keeps the rank projected out and the first-order drift it leaves.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from benchmark import jacobian
+import benchmark.attacks.cross_site as cross_site
 from benchmark.attacks.base import ATTACKS, FEATURE_PRESERVING, AttackConfig, Chunk
 from benchmark.attacks.encoder import EncoderAttack
-from benchmark.models import LoadedModel
+from benchmark.modeling.models import LoadedModel
 from tasks.base import PromptBatch
 
 DRIFT_PROBES = 4  # random directions behind jacobian_residual_drift
@@ -44,21 +44,21 @@ class JacobianAttack(EncoderAttack):
             return
         gen = torch.Generator().manual_seed(self.cfg.seed)
         delta = torch.zeros(n, batch.input_ids.shape[1], self.model.d_model, requires_grad=True)
-        with torch.enable_grad(), jacobian.twice_differentiable():
+        with torch.enable_grad(), cross_site.twice_differentiable():
             _, seen = self.forward(batch, delta, h_site=chunk.h_site)
             reads = {L: self.defense.readouts(L, seen[L]) for L in self.later_sites}
-        first = jacobian.first_row_position(chunk.slot_mask)
-        rows = int(jacobian.rows_per_example(reads, batch.token_mask, first).max())
+        first = cross_site.first_row_position(chunk.slot_mask)
+        rows = int(cross_site.rows_per_example(reads, batch.token_mask, first).max())
         chunk.jac_exact = rows <= self.cfg.jacobian_exact_rows
         if chunk.jac_exact:
-            vectors = jacobian.exact_vjps(reads, delta, batch.token_mask, first)
+            vectors = cross_site.exact_vjps(reads, delta, batch.token_mask, first)
         else:
-            vectors = jacobian.random_vjps(reads, delta, batch.token_mask, self.cfg.jacobian_rank, gen)
+            vectors = cross_site.random_vjps(reads, delta, batch.token_mask, self.cfg.jacobian_rank, gen)
         stacked = torch.stack(list(vectors)) if rows else delta.new_zeros(0, *delta.shape)
-        chunk.basis, chunk.jac_rank = jacobian.row_space(stacked.detach(), chunk.slot_mask, self.basis)
+        chunk.basis, chunk.jac_rank = cross_site.row_space(stacked.detach(), chunk.slot_mask, self.basis)
         probes = torch.randn(DRIFT_PROBES, *delta.shape, generator=gen) * chunk.slot_mask[..., None]
         try:
-            chunk.jac_residual = jacobian.residual_drift(
+            chunk.jac_residual = cross_site.residual_drift(
                 reads, delta, batch.token_mask, lambda v: self.subspace(v, chunk.slot_mask, chunk.basis), probes)
         except RuntimeError:  # an op of the model or defense without a second derivative: not measurable
             chunk.jac_residual = None

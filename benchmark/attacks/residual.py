@@ -26,12 +26,14 @@ import math
 import torch
 from torch import Tensor
 
-from benchmark import jacobian, sae_math
+import benchmark.attacks.cross_site as cross_site
 from benchmark.attacks.base import (Adam, AttackConfig, Chunk, RecoveryAttack, attacked_positions,
                                     clip_per_position)
 from benchmark.errors import BenchmarkError
-from benchmark.forward import Edit, EditedForward, Prefill, add, capture, compose, defense_edits, run_edited, run_task
-from benchmark.models import LoadedModel
+from benchmark.modeling import sae_math
+from benchmark.modeling.forward import (Edit, EditedForward, Prefill, add, capture, compose, defense_edits, run_edited,
+                                        run_task)
+from benchmark.modeling.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
 
@@ -82,8 +84,8 @@ class ResidualAttack(RecoveryAttack):
     def subspace(self, delta: Tensor, pos_mask: Tensor, basis: Tensor | None = None) -> Tensor:
         """``delta`` [b, p, d] restricted to the attacked positions ``pos_mask`` [b, p], orthogonal to the C1
         directions at each position, and with its component in ``basis`` [b, p * d, r] (cross-site) removed."""
-        delta = jacobian.strip(delta, pos_mask, self.basis)
-        return delta if basis is None else jacobian.project_out(delta, basis)
+        delta = cross_site.strip(delta, pos_mask, self.basis)
+        return delta if basis is None else cross_site.project_out(delta, basis)
 
     def project(self, delta: Tensor, h_norm: Tensor, pos_mask: Tensor, eps: Tensor,
                 basis: Tensor | None = None) -> Tensor:
@@ -158,9 +160,9 @@ class ResidualAttack(RecoveryAttack):
 
     def push_to_margin(self, batch: PromptBatch, delta: Tensor, eps: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """Continue the attack on recovered examples at their own budgets until their behavior margin reaches
-        ``target``: the margin replay's ``delta`` (see :mod:`benchmark.replay`).
+        ``target``: the margin replay's ``delta`` (see :mod:`benchmark.running.replay`).
 
-        ``delta`` [n, p, d] (the recovered deltas, as :func:`benchmark.replay.stack_deltas` aligns them), ``eps``
+        ``delta`` [n, p, d] (the recovered deltas, as :func:`benchmark.running.replay.stack_deltas` aligns them), ``eps``
         [n] each example's recovery budget, ``target`` [n] the margin to reach. Every example gets at most
         ``steps`` more updates under the same constraints (C1, the cross-site null space, C4 at its budget) and
         leaves as soon as its margin (:meth:`TaskSuite.behavior`, defense active) is ``>= target``.

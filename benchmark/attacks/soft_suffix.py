@@ -9,8 +9,8 @@ position including the suffix. A suffix cannot change the defended readouts over
 editable position of prompt + suffix with the defended run on the same prompt + suffix at its initialization: all
 of the change is at the suffix positions, and the relative drift divides it by the norm over all positions. It
 makes no C1 claim (``c1_change`` is None) and has no residual ``delta`` to replay. The prompt before the suffix runs
-once per chunk (:func:`benchmark.forward.prefill`, the defense active); each step runs only the suffix and answer
-columns after its keys and values (:func:`benchmark.forward.run_continued`).
+once per chunk (:func:`benchmark.modeling.forward.prefill`, the defense active); each step runs only the suffix and answer
+columns after its keys and values (:func:`benchmark.modeling.forward.run_continued`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from benchmark.attacks.base import ATTACKS, INPUT_SPACE, AttackConfig, Chunk, RecoveryAttack, clip_per_position
-from benchmark.forward import (EditedForward, Prefill, capture, compose, defense_edits, input_embeddings, prefill,
+from benchmark.modeling.forward import (EditedForward, Prefill, capture, compose, defense_edits, input_embeddings, prefill,
                                run_continued)
-from benchmark.models import LoadedModel
+from benchmark.modeling.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark import sae_math
-from benchmark.forward import run_edited
-from benchmark.saes import LoadedSAE
+from benchmark.modeling import sae_math
+from benchmark.modeling.forward import run_edited
+from benchmark.modeling.saes import LoadedSAE
 from defenses.base import FitContext, SAEFeatureDefense
 from tasks.base import PromptBatch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark import sae_math
+from benchmark.modeling import sae_math
 from benchmark.errors import BenchmarkError
 from defenses.base import FitContext, SAEFeatureDefense, top_attributed_features
 

@@ -44,7 +44,7 @@ def single_token_names(tokenizer) -> list[str]:
 
 
 def build(tokenizer) -> dict:
-    from benchmark.data_sources import sae_probes_texts
+    from benchmark.modeling.data_sources import sae_probes_texts
 
     rng = random.Random(SEED)
     names = single_token_names(tokenizer)
@@ -73,7 +73,7 @@ def build(tokenizer) -> dict:
 
 
 if __name__ == "__main__":
-    from benchmark.models import load_model
+    from benchmark.modeling.models import load_model
 
     data = build(load_model().tokenizer)
     OUT.write_text(json.dumps(data, indent=1) + "\n")

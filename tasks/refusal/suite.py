@@ -168,7 +168,7 @@ class RefusalSuite(TaskSuite):
 
     def _cache_path(self) -> Path | None:
         """Disk cache of base answers, for models named by a weights-file hash only (other revisions can move)."""
-        from benchmark.models import cache_dir
+        from benchmark.modeling.models import cache_dir
 
         rev = self._model.revision
         if not rev.startswith("sha256:"):
@@ -180,7 +180,7 @@ class RefusalSuite(TaskSuite):
         return json.loads(path.read_text()) if path is not None and path.exists() else {}
 
     def _write_cache(self) -> None:
-        from benchmark.records import write_json_atomic
+        from benchmark.files import write_json_atomic
 
         path = self._cache_path()
         if path is not None:
@@ -193,7 +193,7 @@ class RefusalSuite(TaskSuite):
             raise BenchmarkError("the refusal suite needs prepare(model) before it encodes or scores examples")
         missing = sorted({p for p in prompts if p not in self._answers})
         if missing:
-            from benchmark.forward import task_forward
+            from benchmark.modeling.forward import task_forward
 
             forward = task_forward(self._model, self, lambda part: {})
             with torch.no_grad():

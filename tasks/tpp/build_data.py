@@ -125,7 +125,7 @@ def distinct_texts(frame, relabel: dict[str, str] | None = None) -> dict[str, li
 
 
 def build(hub: str | None = None) -> dict:
-    from benchmark.data_sources import sae_probes_frame, sae_probes_texts
+    from benchmark.modeling.data_sources import sae_probes_frame, sae_probes_texts
 
     rng = random.Random(SEED)
     if hub is None:

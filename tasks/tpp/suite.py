@@ -135,7 +135,7 @@ class TPPSuite(TaskSuite):
 
     def prepare(self, model) -> None:
         """Read the residual at the model's reference SAE layer and train the class probes on the ``fit`` split."""
-        from benchmark.forward import run_edited
+        from benchmark.modeling.forward import run_edited
 
         self.read_layer = model.spec.sae_source.default_layer if model.spec is not None else model.n_layers // 2
         batch, _ = self.class_contrast()

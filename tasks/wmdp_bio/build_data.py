@@ -93,7 +93,7 @@ class SciQItem:
 
 def sciq_items() -> list[SciQItem]:
     """Every distinct question of ``36_sciq_tf`` with its true and false answers, in first-seen order."""
-    from benchmark.data_sources import sae_probes_frame
+    from benchmark.modeling.data_sources import sae_probes_frame
 
     frame = sae_probes_frame("36_sciq_tf")
     true, false = collections.defaultdict(list), collections.defaultdict(list)
@@ -114,7 +114,7 @@ class NaiveBayes:
     """Multinomial naive Bayes (add-one smoothing, word presence) over ``99_sci_cat``'s three subjects."""
 
     def __init__(self) -> None:
-        from benchmark.data_sources import sae_probes_frame
+        from benchmark.modeling.data_sources import sae_probes_frame
 
         frame = sae_probes_frame("99_sci_cat")
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -177,7 +177,7 @@ def make_question(item: SciQItem, pool: list[str], rng: random.Random) -> dict |
 
 def forum_texts(labels: set[str], n: int, rng: random.Random) -> list[str]:
     """``n`` shuffled ``99_sci_cat`` texts with a label in ``labels``, cut to :data:`FORUM_CHARS`."""
-    from benchmark.data_sources import sae_probes_frame
+    from benchmark.modeling.data_sources import sae_probes_frame
 
     frame = sae_probes_frame("99_sci_cat")
     lo, hi = FORUM_CHARS
@@ -229,7 +229,7 @@ def build(tokenizer, tokenizer_name: str) -> dict:
 
 
 if __name__ == "__main__":
-    from benchmark.models import DEFAULT_MODEL, load_model
+    from benchmark.modeling.models import DEFAULT_MODEL, load_model
 
     data = build(load_model().tokenizer, DEFAULT_MODEL)
     OUT.parent.mkdir(parents=True, exist_ok=True)

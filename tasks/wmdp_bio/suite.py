@@ -107,7 +107,7 @@ class WMDPBioSuite(TaskSuite):
         self.scoring, self.source, self.orders = scoring, source, orders
         self.question_file = self.data_file
         if source == "wmdp":
-            from benchmark.models import cache_dir
+            from benchmark.modeling.models import cache_dir
 
             self.question_file = load_wmdp_bio(cache_dir() / "wmdp_bio" / "wmdp-bio.json")
         self._kept: dict[str, set[str]] | None = None  # letter scoring: ids correct under every order, per split
@@ -173,7 +173,7 @@ class WMDPBioSuite(TaskSuite):
         """Letter scoring: keep questions the base model answers correctly under ``orders`` rotations."""
         if self.scoring != "letter":
             return
-        from benchmark.forward import run_edited
+        from benchmark.modeling.forward import run_edited
 
         self._kept = None
         kept = {}

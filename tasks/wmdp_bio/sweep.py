@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from benchmark.forward import defense_edits, next_token_kl
-from benchmark.engine import behavior_scores, defense_edit_size
-from benchmark.models import load_model
-from benchmark.records import git_state
+from benchmark.modeling.forward import defense_edits, next_token_kl
+from benchmark.running.engine import behavior_scores, defense_edit_size
+from benchmark.modeling.models import load_model
+from benchmark.running.records import git_state
 from defenses import DEFENSES, FitContext
 from defenses.unlearning_clamp import DEFAULT_FORGET_MIN, contrast_texts, firing_frequency, select_by_frequency
 from tasks import TASKS

@@ -1,11 +1,11 @@
 """Regenerate the leaderboard from the run records alone (never edited by hand).
 
 Written: ``leaderboard/README.md`` (the tables), ``leaderboard/leaderboard.csv`` (one row per record, every metric),
-``leaderboard/index.html`` (the tables and the figures of :mod:`benchmark.plots`) and the main table in the
+``leaderboard/index.html`` (the tables and the figures of :mod:`benchmark.reporting.plots`) and the main table in the
 top-level ``README.md``, between :data:`README_START` and :data:`README_END`. Per model (the default model first):
-the main table, one row per defense with a cell per suite, ranked as :mod:`benchmark.ranking` says; for the
-default model, which runs of the full battery's plan (:mod:`benchmark.battery`) have a record and the paper's
-figures beside ours (:mod:`benchmark.paper`); then per suite a table of every record (all attack modes, the
+the main table, one row per defense with a cell per suite, ranked as :mod:`benchmark.reporting.ranking` says; for the
+default model, which runs of the full battery's plan (:mod:`benchmark.running.battery`) have a record and the paper's
+figures beside ours (:mod:`benchmark.reporting.paper`); then per suite a table of every record (all attack modes, the
 soft-suffix baseline, path attribution).
 """
 
@@ -22,15 +22,16 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from benchmark.battery import planned_runs
+from benchmark.running.battery import planned_runs
 from benchmark.errors import BenchmarkError
-from benchmark.metrics import HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CAP
-from benchmark.models import DEFAULT_MODEL
-from benchmark.paper import PAPER_HEADERS, PAPER_NOTE, paper_rows
-from benchmark.plots import figures
-from benchmark.ranking import (COUNTED, OVER_CAP, SUITES, Cell, Entry, Score, Standing, cells, standings,
+from benchmark.running.metrics import HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CAP
+from benchmark.modeling.models import DEFAULT_MODEL
+from benchmark.reporting.paper import PAPER_HEADERS, PAPER_NOTE, paper_rows
+from benchmark.reporting.plots import figures
+from benchmark.reporting.ranking import (COUNTED, OVER_CAP, SUITES, Cell, Entry, Score, Standing, cells, standings,
                                threat_model)
-from benchmark.records import RECORDS_DIR, REPO_ROOT, comparable, load_record, record_files, schema, write_text_atomic
+from benchmark.files import write_text_atomic
+from benchmark.running.records import RECORDS_DIR, REPO_ROOT, comparable, load_record, record_files, schema
 
 LEADERBOARD_DIR = RECORDS_DIR.parent
 README = REPO_ROOT / "README.md"
@@ -46,7 +47,7 @@ RANKING_NOTE = (
     f"whose side effect (next-token KL on control text) exceeds {SIDE_EFFECT_CAP:g} nat counts as 0 (the "
     f"suppression is bought by breaking the model). Ties: robust suppression at the headline budget "
     f"{HEADLINE_BUDGET:g}. Definitions and the reasons for each choice: DESIGN.md (\"Ranking\"); each metric is "
-    "computed once, in `benchmark/metrics.py`.")
+    "computed once, in `benchmark/running/metrics.py`.")
 MAIN_LEGEND = (
     "Each suite's cell: **robust suppression over the budget range**, worst case per example over the "
     "feature-preserving attacks it was checked against (linked: their records) · side effect (KL, nats) · valid "
@@ -167,7 +168,7 @@ COVERAGE_HEADERS = ["defense", *SUITES]
 
 def coverage(standing: list[Standing]) -> tuple[str, list[list[str]]]:
     """The default model's battery coverage: a sentence, and per planned defense (plan order) a cell per suite
-    with the planned attack modes that have a record and those that do not (:mod:`benchmark.battery`)."""
+    with the planned attack modes that have a record and those that do not (:mod:`benchmark.running.battery`)."""
     recorded = {(s.defense, r["task"]["name"], r["attack"]["mode"]) for s in standing for _, r in s.entries}
     plan = planned_runs()
     modes: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -183,7 +184,7 @@ def coverage(standing: list[Standing]) -> tuple[str, list[list[str]]]:
 
     done = sum(run in recorded for run in plan)
     note = (f"{done} of {len(plan)} planned runs of the full battery have a record (the plan: "
-            "`benchmark/battery.py`; `benchmark battery` runs the rest and keeps what exists).")
+            "`benchmark/running/battery.py`; `benchmark battery` runs the rest and keeps what exists).")
     return note, [[d, *(cell(d, s) for s in SUITES)] for d in modes]
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmark.data_sources import sae_probes_texts
-from benchmark.models import LoadedModel, load_model
+from benchmark.modeling.data_sources import sae_probes_texts
+from benchmark.modeling.models import LoadedModel, load_model
 
 #: sae-probes sets mixed into the training text (diverse domains; no set shared with a held-out test split).
 CORPUS_SETS = (

@@ -3,28 +3,26 @@ and where a run's files live."""
 
 from __future__ import annotations
 
-import glob
 import json
 import math
-import os
 import hashlib
 import platform
 import re
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from benchmark.errors import BenchmarkError
-from benchmark.metrics import budget_curve, is_valid_flip, summarize
-from tasks import TASKS
+from benchmark.files import write_json_atomic
+from benchmark.running.metrics import budget_curve, is_valid_flip, summarize
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "run_record.schema.json"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECORDS_DIR = REPO_ROOT / "leaderboard" / "records"
 SCHEMA_VERSION = "1.0"
 
@@ -72,56 +70,6 @@ def load_record(path: Path) -> dict:
     return record
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and a rename, so a crash never leaves half a file.
-
-    The file gets mode 0666 less the umask (0644 under the usual umask 022), as ``open`` would give it, so a shared
-    results folder stays readable. Temporary files that a killed earlier write of ``path`` left behind are removed
-    first (:func:`remove_stale_temporaries`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates the file 0600
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Remove the temporary files (``.<name>.<pid>.*.tmp``) of writes of ``path`` whose process is gone (killed
-    mid-write); those of a live process on this machine stay."""
-    path = Path(path)
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if not (pid.isdigit() and int(pid) > 0 and _alive(int(pid))):
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def write_json_atomic(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
-
-
 def write_record(record: dict, path: Path) -> None:
     validate_record(record)
     write_json_atomic(path, record)
@@ -146,7 +94,7 @@ SHARD_FILE = re.compile(r"^(?P<stem>.+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)\
 
 
 def shard_path(record: Path, index: int, count: int) -> Path:
-    """Where shard ``index`` of ``count`` keeps its partial run (see :mod:`benchmark.shards`)."""
+    """Where shard ``index`` of ``count`` keeps its partial run (see :mod:`benchmark.running.shards`)."""
     return record.with_name(f"{record.stem}.shard-{index}-of-{count}.json")
 
 
@@ -163,7 +111,7 @@ def record_files(root: Path = RECORDS_DIR) -> list[Path]:
 #: per-example fields that come from the attack (the rest of a row comes from scoring base and defended)
 ATTACK_FIELDS = ("b_attacked", "recovered", "steps_used", "recovery_budget", "delta_rel", "drift_abs", "drift_rel",
                  "reactivation", "c1_change", "jacobian_residual_drift", "residual_replay", "latent_replay")
-#: per-example path attribution of a recovered example (:func:`benchmark.engine.path_attribution`); a row has them
+#: per-example path attribution of a recovered example (:func:`benchmark.running.engine.path_attribution`); a row has them
 #: only where the example was replayed
 SHARE_FIELDS = tuple(f"{prefix}share_{part}" for prefix in ("", "margin_") for part in ("error", "latent", "defended"))
 MARGIN_FIELDS = ("margin_target", "margin_b", "margin_replay_error", "margin_replay_latent")
@@ -203,9 +151,11 @@ def attack_section(settings: dict, results: list[dict]) -> dict:
     return out
 
 
-def build_record(head: dict, results: list[dict], provenance: dict) -> dict:
+def build_record(head: dict, results: list[dict], provenance: dict,
+                 outcome_metrics: Callable[[list[dict]], dict] | None = None) -> dict:
     """The run record from its parts: ``head`` (everything that does not come from the attack: see
-    :func:`benchmark.engine.run_head`) and one attack result per valid flip, in any order."""
+    :func:`benchmark.running.engine.run_head`), one attack result per valid flip, in any order, and the suite's
+    :meth:`TaskSuite.outcome_metrics` (the caller knows the suite; a record does not look suites up)."""
     flips = [is_valid_flip(s["b_base"], s["b_defended"]) for s in head["examples"]]
     by_id = {r["id"]: r for r in results}
     if sorted(by_id) != sorted(s["id"] for s, flip in zip(head["examples"], flips) if flip) or \
@@ -221,7 +171,7 @@ def build_record(head: dict, results: list[dict], provenance: dict) -> dict:
     record = {k: head[k] for k in ("schema_version", "benchmark_version", "model", "saes", "defense", "task")}
     record.update(attack=attack_section(head["attack"], results), counts=counts, metrics=metrics,
                   budget_curve=budget_curve(rows, head["attack"]["eps_sweep"]), examples=rows, provenance=provenance)
-    task_metrics = {**(head.get("task_metrics") or {}), **TASKS.get(head["task"]["name"]).outcome_metrics(rows)}
+    task_metrics = {**(head.get("task_metrics") or {}), **(outcome_metrics(rows) if outcome_metrics else {})}
     if task_metrics:
         record["task_metrics"] = task_metrics
     return record
@@ -299,7 +249,7 @@ def package_versions() -> dict[str, str]:
 
 def provenance(wall_seconds: float, command: str, git: tuple[str, bool], fingerprint: str | None = None) -> dict:
     """Where and how a run was made; ``git`` is :func:`git_state` taken when the run started, ``fingerprint``
-    the run's (:func:`benchmark.shards.fingerprint`)."""
+    the run's (:func:`benchmark.running.shards.fingerprint`)."""
     commit, dirty = git
     out = {
         "git_commit": commit,

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmark.errors import BenchmarkError
-from benchmark.records import RECORDS_DIR, comparable, load_record, record_files
+from benchmark.running.records import RECORDS_DIR, comparable, load_record, record_files
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -15,8 +15,8 @@ import matplotlib
 matplotlib.use("svg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmark.metrics import HEADLINE_BUDGET, SIDE_EFFECT_CAP  # noqa: E402
-from benchmark.ranking import SUITES, Standing  # noqa: E402
+from benchmark.running.metrics import HEADLINE_BUDGET, SIDE_EFFECT_CAP  # noqa: E402
+from benchmark.reporting.ranking import SUITES, Standing  # noqa: E402
 
 MAX_SERIES = 8
 #: Okabe & Ito (2008), "Color universal design": distinguishable with every common colour-vision deficiency

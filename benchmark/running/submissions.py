@@ -1,10 +1,10 @@
 """Submitted defenses: a folder ``submissions/<name>/`` with a manifest and the adapter's code.
 
 ``benchmark validate submissions/<name>`` checks the manifest against ``schema/submission.schema.json`` in this
-process (no submitted code runs for that), then runs ``python -m benchmark.submissions validate <folder>`` in a
+process (no submitted code runs for that), then runs ``python -m benchmark.running.submissions validate <folder>`` in a
 child process with a time limit. The child imports the adapter (the submission folder is put on ``sys.path``),
 checks that it satisfies the :class:`~defenses.base.Defense` interface and that the manifest's parameters fit its
-constructor, and runs it on the tiny stand-in model (:mod:`benchmark.tiny`): fit on the IOI suite, edit a batch,
+constructor, and runs it on the tiny stand-in model (:mod:`benchmark.modeling.tiny`): fit on the IOI suite, edit a batch,
 read its readouts, and take one gradient through the defended model; every output must be finite.
 
 ``benchmark validate NAME`` runs the same checks, in the same child process, on a registered defense: a built-in
@@ -42,7 +42,7 @@ from benchmark.errors import BenchmarkError, one_line
 
 MANIFEST = "submission.json"
 SCHEMA_PATH = Path(__file__).parent / "schema" / "submission.schema.json"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VALIDATE_TIMEOUT = 300.0  # seconds for `benchmark validate` (tiny model: a few seconds of real work)
 EVALUATE_TIMEOUT = 4 * 3600.0  # seconds for `benchmark evaluate --defense submissions/<name>`
 REQUIRED = ("fit", "sites", "edit", "readouts", "readout_activations", "protected_directions", "defended")
@@ -213,11 +213,11 @@ def smoke_test(label: str, name: str, version: str, cls: type, params: dict, tin
     import jsonschema
     import torch
 
-    from benchmark.forward import defense_edits
-    from benchmark.forward import add, capture, compose, run_edited
-    from benchmark.models import load_model
-    from benchmark.records import schema as record_schema
-    from benchmark.tiny import build_tiny
+    from benchmark.modeling.forward import defense_edits
+    from benchmark.modeling.forward import add, capture, compose, run_edited
+    from benchmark.modeling.models import load_model
+    from benchmark.running.records import schema as record_schema
+    from benchmark.modeling.tiny import build_tiny
     from defenses.base import FitContext
     from tasks import TASKS
 
@@ -371,10 +371,10 @@ def validate_in_child(ref: str | Path, timeout: float = VALIDATE_TIMEOUT, params
             raise BenchmarkError("-D applies to a defense named by its registered name; a submission is validated "
                                  "with its manifest's validation_parameters")
         label = f"submission '{load_manifest(ref)['name']}'"
-        cmd = [sys.executable, "-m", "benchmark.submissions", "validate", str(_folder(ref).resolve())]
+        cmd = [sys.executable, "-m", "benchmark.running.submissions", "validate", str(_folder(ref).resolve())]
     else:
         label = f"defense '{ref}'"
-        cmd = [sys.executable, "-m", "benchmark.submissions", "validate", str(ref), "--params", json.dumps(params or {})]
+        cmd = [sys.executable, "-m", "benchmark.running.submissions", "validate", str(ref), "--params", json.dumps(params or {})]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env())
     except subprocess.TimeoutExpired:
@@ -393,11 +393,11 @@ def evaluate_in_child(ref: str | Path, argv: list[str], timeout: float = EVALUAT
     the submission registered; output streams through. Returns the child's exit status."""
     manifest = load_manifest(ref)
     folder = _folder(ref).resolve()
-    cmd = [sys.executable, "-m", "benchmark.submissions", "evaluate", str(folder), "--", *argv]
+    cmd = [sys.executable, "-m", "benchmark.cli", *argv]  # the CLI again, as a module: nothing here imports it
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        proc = subprocess.run(cmd, timeout=timeout, env=_child_env())
+        proc = subprocess.run(cmd, timeout=timeout, env={**_child_env(), CHILD_ENV: str(folder)})
     except subprocess.TimeoutExpired:
         raise BenchmarkError(f"evaluation of submission '{manifest['name']}' did not finish within {timeout:g} s "
                              "(its process was stopped; --timeout raises the limit)") from None
@@ -409,11 +409,27 @@ def evaluate_in_child(ref: str | Path, argv: list[str], timeout: float = EVALUAT
 # ------------------------------------------------------------------------------------------------ child side
 
 ACTIVE: dict[str, Submission] = {}  # submissions registered in this (child) process, by resolved folder
+#: set by :func:`evaluate_in_child` to the submission folder the child process evaluates
+CHILD_ENV = "BENCHMARK_SUBMISSION_CHILD"
 
 
 def active(ref: str | Path) -> Submission | None:
-    """The submission at ``ref`` if this process has registered it (i.e. this is the evaluating child)."""
-    return ACTIVE.get(str(_folder(ref).resolve()))
+    """The submission at ``ref`` if this process evaluates it (the child :func:`evaluate_in_child` starts, which
+    registers it here on first use), else None."""
+    folder = str(_folder(ref).resolve())
+    if folder not in ACTIVE and os.environ.get(CHILD_ENV) == folder:
+        register(folder)
+    return ACTIVE.get(folder)
+
+
+def child_failure(err: Exception) -> str | None:
+    """In the evaluating child, the one line that reports an exception raised by submitted code (which may raise
+    anything; no traceback unless ``BENCHMARK_DEBUG`` is set); None elsewhere (the exception propagates)."""
+    folder = os.environ.get(CHILD_ENV)
+    if folder is None or os.environ.get("BENCHMARK_DEBUG"):
+        return None
+    return (f"submission {folder} failed: {type(err).__name__}: {one_line(err)} "
+            "(BENCHMARK_DEBUG=1 shows the traceback)")
 
 
 def register(ref: str | Path) -> Submission:
@@ -427,30 +443,21 @@ def register(ref: str | Path) -> Submission:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child entry point: ``python -m benchmark.submissions validate FOLDER`` or ``evaluate FOLDER -- ARGS``."""
+    """Child entry point of validation: ``python -m benchmark.running.submissions validate FOLDER`` (evaluation runs
+    ``python -m benchmark.cli`` with :data:`CHILD_ENV` set)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="python -m benchmark.submissions",
+    parser = argparse.ArgumentParser(prog="python -m benchmark.running.submissions",
                                      description="run a submitted defense (executes its code)")
     sub = parser.add_subparsers(dest="command", required=True)
     va = sub.add_parser("validate")
     va.add_argument("folder", help="submission folder, or a registered defense's name")
-    va.add_argument("--tiny-dir", type=Path, default=None, help="reuse tiny stand-ins built by benchmark.tiny.build_tiny")
+    va.add_argument("--tiny-dir", type=Path, default=None, help="reuse tiny stand-ins built by benchmark.modeling.tiny.build_tiny")
     va.add_argument("--params", type=json.loads, default={}, help="a registered defense's constructor arguments (JSON)")
-    ev = sub.add_parser("evaluate")
-    ev.add_argument("folder")
-    ev.add_argument("args", nargs=argparse.REMAINDER, help="-- then the `benchmark` command line (evaluate ...)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "validate":
-            for line in validate(args.folder, args.tiny_dir, args.params):
-                print(f"ok: {line}")
-            return 0
-        from benchmark.cli import main as cli_main
-
-        register(args.folder)
-        rest = args.args[1:] if args.args[:1] == ["--"] else args.args
-        sys.argv = ["benchmark", *rest]  # the run record's command is the user's command line
-        return cli_main(rest)
+        for line in validate(args.folder, args.tiny_dir, args.params):
+            print(f"ok: {line}")
+        return 0
     except BenchmarkError as err:
         print(f"error: {one_line(err, 1000)}", file=sys.stderr)
         return 2
@@ -463,8 +470,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run the imported module's main, not this __main__ copy: `benchmark.cli` looks submissions up in
-    # `benchmark.submissions.ACTIVE`, which must be the registry the child fills
-    from benchmark.submissions import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -98,7 +98,7 @@ def _quartiles(values: list[float]) -> tuple[float, float, float] | tuple[None, 
 
 def path_metrics(rows: list[dict]) -> tuple[int, dict]:
     """``(replayed, metrics)``: how many recovered examples were replayed part by part, and the medians and
-    quartiles of each part's share of the margin gain (:mod:`benchmark.replay`), of the shares' sum, and the
+    quartiles of each part's share of the margin gain (:mod:`benchmark.running.replay`), of the shares' sum, and the
     margin replay: the share of replayed examples whose continued attack reached its target margin, the median
     error share at that margin, and the share whose error (latent) part alone then gives a margin above 0."""
     replayed = [r for r in rows if r.get("margin_target") is not None]

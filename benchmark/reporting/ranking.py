@@ -4,7 +4,7 @@ Every attack belongs to a threat model (:data:`THREAT_MODELS`). Per defense, sui
 the **worst case per example** over every record of an attack in that threat model: an example is recovered if any
 attack recovered it, at the smallest budget any attack needed (:func:`worst_case`). The ranking uses the
 feature-preserving threat model (:data:`RANKED_THREAT_MODEL`). A cell's score is robust suppression over the budget
-range of those worst-case rows (:func:`benchmark.metrics.robust_suppression_auc`); a cell with fewer than
+range of those worst-case rows (:func:`benchmark.running.metrics.robust_suppression_auc`); a cell with fewer than
 :data:`MIN_FLIPS` valid flips
 shows its count and stays out of the mean; a cell whose side effect exceeds :data:`SIDE_EFFECT_CAP` counts as 0
 (the suppression is bought by breaking the model). A defense's score is the mean over its counted cells; ties
@@ -18,9 +18,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmark.metrics import (HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CAP, robust_suppression_at,
+from benchmark.running.metrics import (HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CAP, robust_suppression_at,
                                robust_suppression_auc)
-from benchmark.records import comparable, schema
+from benchmark.running.records import comparable, schema
 
 #: the threat model of each attack of a record that does not state one (records written before attacks declared it)
 THREAT_MODELS = {"encoder": "feature_preserving", "jacobian": "feature_preserving", "soft_suffix": "input_space",

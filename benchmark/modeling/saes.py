@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from benchmark.errors import BenchmarkError
-from benchmark.models import LoadedModel
+from benchmark.modeling.models import LoadedModel
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_SAE_ROOT = REPO_ROOT / "saes"
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"  # an SAE folder in sae_lens disk format
 
@@ -140,6 +140,6 @@ def weights_hash(sae: LoadedSAE) -> str | None:
     """sha256 of a disk SAE's weight file (None for hub SAEs, which sae_lens pins by release and id)."""
     if sae.path is None:
         return None
-    from benchmark.models import file_sha256
+    from benchmark.modeling.models import file_sha256
 
     return "sha256:" + file_sha256(sae.path / WEIGHTS)

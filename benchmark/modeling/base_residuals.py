@@ -2,7 +2,7 @@
 
 Nothing below a defense's first site changes when the defense is switched on, so every pass the engine makes over
 the same prompts (base and defended scores, side effect, edit size, the suite's own metrics) can start from the
-same residual instead of running the blocks below it again (``prefix`` of :func:`benchmark.forward.run_edited`).
+same residual instead of running the blocks below it again (``prefix`` of :func:`benchmark.modeling.forward.run_edited`).
 Rows are stored by their real tokens, unpadded, so a prompt hits the store whatever batch or chunk it comes in.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark.forward import run_edited
-from benchmark.models import LoadedModel
+from benchmark.modeling.forward import run_edited
+from benchmark.modeling.models import LoadedModel
 from tasks.base import PromptBatch
 
 

@@ -29,7 +29,7 @@ import torch
 from benchmark.errors import BenchmarkError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-TINY_MODEL = "tiny"  # the tests' random stand-in, for a first run in seconds (benchmark/tiny.py)
+TINY_MODEL = "tiny"  # the tests' random stand-in, for a first run in seconds (benchmark/modeling/tiny.py)
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _local_sae_id(layer: int) -> str:
 
 
 def _tiny_folder() -> Path:
-    from benchmark.tiny import cached_tiny
+    from benchmark.modeling.tiny import cached_tiny
 
     return cached_tiny(cache_dir() / "tiny")
 

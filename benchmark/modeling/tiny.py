@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-IOI_DATA = Path(__file__).resolve().parent.parent / "tasks" / "ioi" / "data" / "ioi.json"
+IOI_DATA = Path(__file__).resolve().parents[2] / "tasks" / "ioi" / "data" / "ioi.json"
 D_MODEL, D_SAE, N_LAYERS = 64, 256, 4
 
 

@@ -1,6 +1,6 @@
 """The flow of one run: fit the defense, score base and defended behavior, measure side effects, attack the valid
 flips chunk by chunk (replaying each chunk's recovered ones), and write the run record. Chunks make a run
-resumable and shardable (see :mod:`benchmark.shards`)."""
+resumable and shardable (see :mod:`benchmark.running.shards`)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,19 @@ from torch import Tensor
 
 from benchmark import __version__
 from benchmark.attacks import ATTACKS, AttackConfig, ExampleOutcome, RecoveryAttack, ResidualAttack, build_attack
-from benchmark.base_residuals import BaseResiduals
+from benchmark.modeling.base_residuals import BaseResiduals
 from benchmark.errors import BenchmarkError, NonFiniteError
-from benchmark.forward import (capture, compose, defense_edits, next_token_kl, residual_prefix, run_edited, run_task,
+from benchmark.modeling.forward import (capture, compose, defense_edits, next_token_kl, residual_prefix, run_edited, run_task,
                                task_forward)
-from benchmark.metrics import is_valid_flip
-from benchmark.models import LoadedModel, load_model
-from benchmark.records import (PATH_FIELDS, RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance,
+from benchmark.running.metrics import is_valid_flip
+from benchmark.modeling.models import LoadedModel, load_model
+from benchmark.running.records import (PATH_FIELDS, RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance,
                                record_path, working_tree_hash, write_record)
 from benchmark.registry import same_definition
-from benchmark.replay import PARTS, margin_shares, replay_parts, stack_deltas
-from benchmark.saes import LoadedSAE
-from benchmark.shards import WHOLE, PartialRun, Shard, chunk_rows, fingerprint, partial_path, recorded_fingerprint
+from benchmark.running.replay import PARTS, margin_shares, replay_parts, stack_deltas
+from benchmark.modeling.saes import LoadedSAE
+from benchmark.running.shards import (WHOLE, PartialRun, Shard, chunk_rows, fingerprint, partial_path,
+                                      recorded_fingerprint)
 from defenses.base import DEFENSES, Defense, FitContext
 from tasks.base import TASKS, PromptBatch, TaskSuite
 
@@ -101,12 +102,12 @@ def evaluate(
 ) -> tuple[dict, Path]:
     """Run ``defense`` on suite ``task`` against ``attack`` and write the run record; returns the record and its path.
 
-    ``model``: a :class:`LoadedModel` or a name :func:`~benchmark.models.load_model` takes (``"tiny"``: the test
+    ``model``: a :class:`LoadedModel` or a name :func:`~benchmark.modeling.models.load_model` takes (``"tiny"``: the test
     stand-in, in seconds). ``defense``: a registered name, built with ``defense_params``, or a :class:`Defense`
     instance built with ``create(...)`` (fitted here). ``sae_dir``: the SAEs (default: the model's own).
     ``records_dir``: where the record goes, ``<records_dir>/<model>/<defense>/<task>__<mode>.json``. ``limit``: score
     the first ``limit`` test examples only (a cheap check; the record says so and is never ranked: see
-    :func:`benchmark.records.comparable`). ``progress``: progress bars (the stages are printed either way).
+    :func:`benchmark.running.records.comparable`). ``progress``: progress bars (the stages are printed either way).
 
     Finished chunks of an interrupted run with the same fingerprint are not run again; a finished record with
     it is returned as it is. With ``shard`` i/n only that shard's chunks run, and the return value is the
@@ -204,7 +205,7 @@ def run_head(model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackC
     """Every part of the record that does not come from the attack: model, SAEs, fitted defense, task (with the
     ``limit`` on test examples, if any), the attack's settings, and each test example's base and defended scores
     (``examples``). The engine adds ``side_effect``, ``defense_edit_rel`` and ``task_metrics``;
-    :func:`benchmark.records.build_record` the rest."""
+    :func:`benchmark.running.records.build_record` the rest."""
     kind = ATTACKS.get(cfg.mode)
     settings = {"mode": cfg.mode, "threat_model": kind.threat_model, "steps": cfg.steps, "lr": cfg.lr,
                 "eps_rel": cfg.eps[-1], "eps_sweep": list(cfg.eps), "positions": cfg.positions, "jacobian_rank": None,
@@ -233,7 +234,7 @@ def attack_chunk(attack: RecoveryAttack, batch: PromptBatch, progress: bool,
     """Attack one chunk of valid flips and replay its recovered ones (from ``residuals``, the run's store of
     undefended residuals, when given): one result per example, in order.
 
-    A result holds the record's per-example attack fields (:data:`benchmark.records.ATTACK_FIELDS`) and what the
+    A result holds the record's per-example attack fields (:data:`benchmark.running.records.ATTACK_FIELDS`) and what the
     record's attack section needs (``h_norm_mean``, ``jacobian_rank``, ``jacobian_exact``), all JSON values.
     """
     outcomes = attack.run(batch, progress=progress)
@@ -248,7 +249,7 @@ def attack_chunk(attack: RecoveryAttack, batch: PromptBatch, progress: bool,
 def path_attribution(attack: ResidualAttack, batch: PromptBatch, outcomes: list[ExampleOutcome],
                      residuals: BaseResiduals | None) -> list[dict] | None:
     """Per recovered example of ``batch`` (with its ``outcomes``), the record's path fields
-    (:data:`benchmark.records.PATH_FIELDS`), or None where the defense has no SAE at the attacked site.
+    (:data:`benchmark.running.records.PATH_FIELDS`), or None where the defense has no SAE at the attacked site.
 
     On the ``delta`` that recovered it: each part's share of the margin gain and the binary replay (judged). Then
     the margin replay: the attack continues at the example's recovery budget until its margin reaches the
@@ -294,7 +295,7 @@ def _result(example_id: str, o: ExampleOutcome, path: dict) -> dict:
 
 
 def _describe_sae(sae: LoadedSAE) -> dict:
-    from benchmark.saes import weights_hash
+    from benchmark.modeling.saes import weights_hash
 
     out = sae.describe()
     digest = weights_hash(sae)

@@ -13,21 +13,30 @@ autograd graph (a gradient through them raises :class:`BenchmarkError`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import Tensor
 from transformers import Cache, DynamicCache
 
 from benchmark.errors import BenchmarkError, NonFiniteError
-from benchmark.models import LoadedModel
+from benchmark.modeling.models import LoadedModel
 from tasks.base import PromptBatch, TaskSuite, greedy_by_full_passes, greedy_loop
 
 if TYPE_CHECKING:
-    from benchmark.base_residuals import BaseResiduals
     from defenses.base import Defense
 
 Edit = Callable[[Tensor], Tensor]
+
+
+class ResidualStore(Protocol):
+    """Stored undefended residuals after block ``layer`` that a pass may start from (what
+    :class:`benchmark.modeling.base_residuals.BaseResiduals` is; declared here so this module needs nothing above it)."""
+
+    layer: int
+
+    def get(self, batch: PromptBatch) -> Tensor:
+        """[b, p, d]: the residual after block ``layer`` for every row of ``batch``."""
 
 
 def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *, all_logits: bool = False,
@@ -134,7 +143,7 @@ class EditedForward:
     """
 
     def __init__(self, model: LoadedModel, task: TaskSuite, edits_for: Callable[[PromptBatch], dict[int, Edit]],
-                 residuals: BaseResiduals | None = None,
+                 residuals: ResidualStore | None = None,
                  embeds_for: Callable[[PromptBatch], Tensor] | None = None) -> None:
         self.model, self.task, self.edits_for = model, task, edits_for
         self.residuals, self.embeds_for = residuals, embeds_for
@@ -234,12 +243,12 @@ class _OnAllColumns:
 
 
 def task_forward(model: LoadedModel, task: TaskSuite, edits_for: Callable[[PromptBatch], dict[int, Edit]],
-                 residuals: BaseResiduals | None = None) -> EditedForward:
+                 residuals: ResidualStore | None = None) -> EditedForward:
     """The :class:`EditedForward` of ``model`` with ``edits_for`` (see there)."""
     return EditedForward(model, task, edits_for, residuals)
 
 
-def residual_prefix(residuals: BaseResiduals | None, batch: PromptBatch) -> tuple[int, Tensor] | None:
+def residual_prefix(residuals: ResidualStore | None, batch: PromptBatch) -> tuple[int, Tensor] | None:
     """``run_edited``'s ``prefix`` from the stored undefended residuals of ``batch`` (None without a store)."""
     return None if residuals is None else (residuals.layer, residuals.get(batch))
 
@@ -363,7 +372,7 @@ def _capture_stores(edits: dict[int, Edit]) -> list[dict]:
 
 @torch.no_grad()
 def next_token_kl(model: LoadedModel, batch: PromptBatch, edits_for: Callable[[PromptBatch], dict[int, Edit]],
-                  chunk: int = 16, residuals: BaseResiduals | None = None) -> float:
+                  chunk: int = 16, residuals: ResidualStore | None = None) -> float:
     """Mean KL(base || edited) of the next-token distribution over every real position of ``batch``.
 
     ``edits_for`` builds the edits for each chunk (edits may depend on the chunk's token mask); with

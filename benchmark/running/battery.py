@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from benchmark.models import DEFAULT_MODEL
-from benchmark.records import RECORDS_DIR, REPO_ROOT, record_path
+from benchmark.modeling.models import DEFAULT_MODEL
+from benchmark.running.records import RECORDS_DIR, REPO_ROOT, record_path
 
 SUITES = ("tpp", "wmdp_bio", "ioi", "refusal")
 BASELINES = ("none", "soft_suffix")  # unconstrained, and no residual access
@@ -60,7 +60,7 @@ class Step:
             if self.defense == "reference":
                 return TASKS.get(suite).reference_defense
             if "/" in self.defense:
-                from benchmark.submissions import load_manifest
+                from benchmark.running.submissions import load_manifest
 
                 return load_manifest(REPO_ROOT / self.defense)["name"]
             return self.defense

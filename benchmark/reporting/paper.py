@@ -13,8 +13,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from benchmark.ranking import Standing
-from benchmark.records import RECORDS_DIR
+from benchmark.reporting.ranking import Standing
+from benchmark.running.records import RECORDS_DIR
 from tasks import TASKS
 
 PAPER_FILE = RECORDS_DIR.parent / "paper.json"

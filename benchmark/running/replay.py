@@ -27,9 +27,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark.forward import add, capture, compose, defense_edits, residual_prefix, run_edited, run_task, task_forward
-from benchmark.base_residuals import BaseResiduals
-from benchmark.models import LoadedModel
+from benchmark.modeling.forward import (add, capture, compose, defense_edits, residual_prefix, run_edited, run_task,
+                                        task_forward)
+from benchmark.modeling.base_residuals import BaseResiduals
+from benchmark.modeling.models import LoadedModel
 from defenses.base import Defense
 from tasks.base import PromptBatch, TaskSuite
 

@@ -7,11 +7,11 @@ processes can share it: shard ``i`` of ``n`` runs the chunks whose index is ``i`
 defense and scoring base and defended behavior are deterministic, so every shard repeats them).
 
 A *partial run* file holds what finishing the record needs: the run's fingerprint, its head (every part of the
-record that does not come from the attack: see :func:`benchmark.engine.run_head`) and the results of its finished
+record that does not come from the attack: see :func:`benchmark.running.engine.run_head`) and the results of its finished
 chunks. It is rewritten atomically after every chunk. An unsharded run keeps it at
 ``<suite>__<mode>.json.partial`` and deletes it once the record is written; shard ``i`` of ``n`` writes
 ``<suite>__<mode>.shard-i-of-n.json`` beside the record, and ``benchmark merge`` turns a complete set of shards
-into the record one unsharded run writes (:func:`benchmark.records.build_record` on the first shard's head and
+into the record one unsharded run writes (:func:`benchmark.running.records.build_record` on the first shard's head and
 every chunk's results in chunk order).
 
 The fingerprint hashes what determines the results: benchmark version, model revision, SAEs (with weight
@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Callable
 
 from benchmark.errors import BenchmarkError
-from benchmark.metrics import is_valid_flip
-from benchmark.records import (SCHEMA_PATH, SHARD_FILE, build_record, checkpoint_path, remove_stale_temporaries,
-                               shard_path, write_json_atomic, write_record)
+from benchmark.files import remove_stale_temporaries, write_json_atomic
+from benchmark.running.metrics import is_valid_flip
+from benchmark.running.records import SCHEMA_PATH, SHARD_FILE, build_record, checkpoint_path, shard_path, write_record
+from tasks import TASKS
 
 FORMAT = "partial-run-1"
 
@@ -166,7 +167,12 @@ class PartialRun:
 
     def record(self) -> dict:
         """The run record (an unsharded run, every chunk done)."""
-        return build_record(self.head, self.results(), self.stamp(self.wall_seconds()))
+        return build_record(self.head, self.results(), self.stamp(self.wall_seconds()), _outcome_metrics(self.head))
+
+
+def _outcome_metrics(head: dict) -> Callable[[list[dict]], dict]:
+    """The suite's outcome metrics for the record (:meth:`TaskSuite.outcome_metrics`), from its registry."""
+    return TASKS.get(head["task"]["name"]).outcome_metrics
 
 
 def shard_files(paths: list[Path]) -> dict[Path, list[Path]]:
@@ -221,6 +227,7 @@ def merge(record_path: Path, files: list[Path], command: str = "") -> dict:
               "device": ", ".join(sorted({p["device"] for p in prov})),
               "created_utc": max(p["created_utc"] for p in prov),
               "command": f"{prov[0]['command']} [{count} shards; {command or 'benchmark merge'}]".strip()}
-    record = build_record(first["head"], [r for c in sorted(done) for r in done[c]], merged)
+    record = build_record(first["head"], [r for c in sorted(done) for r in done[c]], merged,
+                          _outcome_metrics(first["head"]))
     write_record(record, record_path)
     return record
