@@ -384,18 +384,26 @@ def _suppressed(model, task, defense, count=8):
     return batch.select(idx[:count])
 
 
-def test_replay_recovery_carried_by_the_sae_error_term(tiny_model, ioi):
-    """An SAE narrower than the residual (d_sae = 32 < d_in = 64) has a 32-dimensional null space of ``W_enc^T``
-    at every position. A ``delta`` inside it changes no pre-activation, so ``encode(h + delta) == encode(h)``:
-    no latent moves, the defense does not see it, and the whole of ``delta`` is the SAE error term's change.
-    Such a delta, found by projected gradient ascent with the defense active, recovers the behavior; the error
-    replay (which is ``delta``) must recover and the latent and defended replays (zero) must not."""
+def _error_carried(tiny_model, ioi):
+    """A narrow SAE (d_sae 32 < d_in 64), a clamp on it, suppressed examples, and a ``delta`` found by projected
+    gradient ascent inside the null space of its encoder (so all of ``delta`` is the SAE error term's change),
+    with the behavior scores it gives: ``(sae, defense, batch, delta, b)``."""
     torch.manual_seed(0)
     w_enc = torch.randn(64, 32) / 8
     sae = _constructed_sae(w_enc, w_enc.T / w_enc.T.norm(dim=-1, keepdim=True), torch.zeros(32), 0.05)
     defense = _clamp_with(tiny_model, ioi, sae, [0, 1, 2, 3], "negative", -4.0)
     batch = _suppressed(tiny_model, ioi, defense)
     delta, b = _ascend(tiny_model, defense, ioi, batch, _orth_complement(w_enc))
+    return sae, defense, batch, delta, b
+
+
+def test_replay_recovery_carried_by_the_sae_error_term(tiny_model, ioi):
+    """An SAE narrower than the residual (d_sae = 32 < d_in = 64) has a 32-dimensional null space of ``W_enc^T``
+    at every position. A ``delta`` inside it changes no pre-activation, so ``encode(h + delta) == encode(h)``:
+    no latent moves, the defense does not see it, and the whole of ``delta`` is the SAE error term's change.
+    Such a delta, found by projected gradient ascent with the defense active, recovers the behavior; the error
+    replay (which is ``delta``) must recover and the latent and defended replays (zero) must not."""
+    sae, defense, batch, delta, b = _error_carried(tiny_model, ioi)
     ok = b > 0.5
     assert ok.sum() >= 2, "the error subspace alone should carry a recovery on the tiny model"
     parts = split_delta(sae.sae, defense.sae_at(2)[1], site_input(tiny_model, defense, batch, 2), delta,
@@ -484,12 +492,7 @@ def test_error_share_is_one_when_the_error_term_carries_delta(tiny_model, ioi):
     latent and defended shares of 0, through real forward passes with the defense active."""
     from benchmark.running.replay import margin_shares
 
-    torch.manual_seed(0)
-    w_enc = torch.randn(64, 32) / 8
-    sae = _constructed_sae(w_enc, w_enc.T / w_enc.T.norm(dim=-1, keepdim=True), torch.zeros(32), 0.05)
-    defense = _clamp_with(tiny_model, ioi, sae, [0, 1, 2, 3], "negative", -4.0)
-    batch = _suppressed(tiny_model, ioi, defense)
-    delta, b = _ascend(tiny_model, defense, ioi, batch, _orth_complement(w_enc))
+    sae, defense, batch, delta, b = _error_carried(tiny_model, ioi)
     margins = replay_parts(tiny_model, defense, ioi, batch, delta, 2, judged=False)
     assert torch.allclose(margins["all"], b, atol=1e-4)
     shares = margin_shares(margins)

@@ -41,12 +41,6 @@ def _top(standing: list[Standing], suite: str) -> list[Standing]:
     return sorted(have, key=lambda s: (-s.cells[suite].score.auc, s.defense))[:MAX_SERIES]
 
 
-def _legend(ax) -> None:
-    """The panel's legend below it (the series carry their evidence, n valid flips), if it has series."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
-
-
 def _svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
@@ -55,54 +49,50 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]  # inline: no XML prolog or doctype
 
 
-def _panels(title: str):
-    fig, axes = plt.subplots(1, len(SUITES), figsize=(4.2 * len(SUITES), 4.6), squeeze=False, sharey=True)
-    fig.suptitle(title)
-    return fig, dict(zip(SUITES, axes[0]))
-
-
-def budget_curves(standing: list[Standing]) -> str | None:
-    """Robust suppression against the attacker's budget, per suite: each defense's ranked record."""
+def _figure(standing: list[Standing], title: str, ylabel: str, xlabel: str, draw) -> str | None:
+    """One panel per suite: ``draw(ax, suite, defense standing, its cell, its style)`` for each of the suite's top
+    defenses; a log x axis, a shared rate y axis, the legend below each panel. None without any cell."""
     if not any(s.cells for s in standing):
         return None
     look = styles(standing)
     with plt.rc_context(RC):
-        fig, axes = _panels("Robust suppression against the attack budget (constrained attack, per suite)")
-        for suite, ax in axes.items():
+        fig, axes = plt.subplots(1, len(SUITES), figsize=(4.2 * len(SUITES), 4.6), squeeze=False, sharey=True)
+        fig.suptitle(title)
+        for suite, ax in zip(SUITES, axes[0]):
             for s in _top(standing, suite):
-                xs, ys = zip(*s.cells[suite].score.curve)
-                ax.plot(xs, ys, label=f"{s.defense} (n={s.cells[suite].flips})", markersize=3, **look[s.defense])
-            ax.axvline(HEADLINE_BUDGET, color="grey", linewidth=0.8)
-            ax.set(title=suite, xscale="log", ylim=(-0.03, 1.03), xlabel="budget ||delta|| / ||h|| per position")
-            _legend(ax)
-        axes[SUITES[0]].set_ylabel("robust suppression (share of examples with base behavior)")
+                draw(ax, s.cells[suite], look[s.defense], f"{s.defense} (n={s.cells[suite].flips})")
+            ax.set(title=suite, xscale="log", ylim=(-0.03, 1.03), xlabel=xlabel)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+        axes[0][0].set_ylabel(ylabel)
         return _svg(fig)
+
+
+def budget_curves(standing: list[Standing]) -> str | None:
+    """Robust suppression against the attacker's budget, per suite: each defense's ranked cell."""
+    def draw(ax, cell, style, label):
+        xs, ys = zip(*cell.score.curve)
+        ax.plot(xs, ys, label=label, markersize=3, **style)
+        ax.axvline(HEADLINE_BUDGET, color="grey", linewidth=0.8)
+
+    return _figure(standing, "Robust suppression against the attack budget (feature-preserving attacks, per suite)",
+                   "robust suppression (share of examples with base behavior)", "budget ||delta|| / ||h|| per position",
+                   draw)
 
 
 def side_effect_plane(standing: list[Standing]) -> str | None:
     """Suppression (hollow) and robust suppression over the budget range (filled) against the side effect, per
     suite, with the side-effect cap."""
-    if not any(s.cells for s in standing):
-        return None
-    look = styles(standing)
-    with plt.rc_context(RC):
-        fig, axes = _panels("Suppression against side effect (hollow: without attack; filled: robust, area over budget)")
-        for suite, ax in axes.items():
-            for s in _top(standing, suite):
-                c = s.cells[suite]
-                x = max(c.side_effect or 0.0, 1e-4)  # log axis: a KL of exactly 0 sits at its left edge
-                st = look[s.defense]
-                ax.plot([x, x], [c.record["metrics"]["suppression_rate"], c.score.auc], color=st["color"],
-                        linestyle=st["linestyle"], linewidth=0.8)
-                ax.plot([x], [c.record["metrics"]["suppression_rate"]], marker=st["marker"], color=st["color"],
-                        markerfacecolor="none", linestyle="none")
-                ax.plot([x], [c.score.auc], marker=st["marker"], color=st["color"], linestyle="none",
-                        label=f"{s.defense} (n={c.flips})")
-            ax.axvline(SIDE_EFFECT_CAP, color="grey", linewidth=0.8, linestyle="--")
-            ax.set(title=suite, xscale="log", ylim=(-0.03, 1.03), xlabel="next-token KL on control text (nats)")
-            _legend(ax)
-        axes[SUITES[0]].set_ylabel("share of examples with base behavior")
-        return _svg(fig)
+    def draw(ax, cell, style, label):
+        x = max(cell.side_effect or 0.0, 1e-4)  # log axis: a KL of exactly 0 sits at its left edge
+        supp = cell.record["metrics"]["suppression_rate"]
+        ax.plot([x, x], [supp, cell.score.auc], color=style["color"], linestyle=style["linestyle"], linewidth=0.8)
+        ax.plot([x], [supp], marker=style["marker"], color=style["color"], markerfacecolor="none", linestyle="none")
+        ax.plot([x], [cell.score.auc], marker=style["marker"], color=style["color"], linestyle="none", label=label)
+        ax.axvline(SIDE_EFFECT_CAP, color="grey", linewidth=0.8, linestyle="--")
+
+    return _figure(standing, "Suppression against side effect (hollow: without attack; filled: robust, area over budget)",
+                   "share of examples with base behavior", "next-token KL on control text (nats)", draw)
 
 
 def figures(standing: list[Standing]) -> list[str]:
