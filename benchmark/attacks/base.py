@@ -100,7 +100,6 @@ class AttackConfig:
         return d
 
 
-
 @dataclass
 class ExampleOutcome:
     """One attacked example. Tensors are trimmed to the example's real tokens (all suffix tokens)."""
@@ -117,10 +116,9 @@ class ExampleOutcome:
     reactivation: float | None  # None when no defended entry was inactive under the defense
     c1_change: float | None  # max |change of a defended pre-activation at the attacked site| / RMS; None: no C1 claim
     h_norm_mean: float
-    jacobian_rank: int | None = None  # rank of the cross-site subspace removed (mode jacobian)
+    jacobian_rank: int | None = None  # rank of the cross-site subspace removed (attack jacobian)
     jacobian_exact: bool | None = None  # whether that subspace came from the exact Jacobian
     jacobian_residual: float | None = None  # mean ||J P v|| / ||J v|| (exact J), None if not measurable
-
 
 
 @dataclass
@@ -134,11 +132,10 @@ class Chunk:
     read_def: dict[int, Tensor]  # defended readouts [n, p, k_L] with delta = 0
     h_site: Tensor | None = None  # [n, p, d] residual at the attacked site, unattacked (reused by every step)
     prefill: Prefill | None = None  # soft_suffix: the prompts before the suffix, run once (reused by every step)
-    basis: Tensor | None = None  # [n, q * d, r] cross-site subspace to project out (mode jacobian)
+    basis: Tensor | None = None  # [n, q * d, r] cross-site subspace to project out (attack jacobian)
     jac_rank: Tensor | None = None  # [n]
     jac_exact: bool | None = None
     jac_residual: Tensor | None = None  # [n]
-
 
 
 def attacked_positions(batch: PromptBatch, positions: str) -> Tensor:
@@ -151,13 +148,11 @@ def attacked_positions(batch: PromptBatch, positions: str) -> Tensor:
     return mask.float()
 
 
-
 def clip_per_position(delta: Tensor, cap: Tensor) -> Tensor:
     """``delta`` [b, p, d] with every position's norm scaled down to at most ``cap`` [b, p]."""
     norm = delta.norm(dim=-1)
     scale = torch.where(norm > cap, cap / norm.clamp_min(1e-12), torch.ones_like(norm))
     return delta * scale[..., None]
-
 
 
 class Adam:
@@ -175,7 +170,6 @@ class Adam:
         m = self.m[rows, cols] = self.b1 * self.m[rows, cols] + (1 - self.b1) * grad
         v = self.v[rows, cols] = self.b2 * self.v[rows, cols] + (1 - self.b2) * grad.pow(2)
         return (m / (1 - self.b1**t)) / ((v / (1 - self.b2**t)).sqrt() + 1e-12)
-
 
 
 class RecoveryAttack(ABC):
@@ -400,8 +394,6 @@ class RecoveryAttack(ABC):
                 o.recovered = o.b_attacked > 0
                 o.recovery_budget = float(last_eps[o.index]) if o.recovered else None
         return outcomes
-
-
 
 
 def _cat(parts: list[Tensor]) -> Tensor:

@@ -62,4 +62,3 @@ class JacobianAttack(EncoderAttack):
                 reads, delta, batch.token_mask, lambda v: self.subspace(v, chunk.slot_mask, chunk.basis), probes)
         except RuntimeError:  # an op of the model or defense without a second derivative: not measurable
             chunk.jac_residual = None
-

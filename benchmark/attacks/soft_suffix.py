@@ -52,7 +52,6 @@ def with_suffix(batch: PromptBatch, length: int, token_id: int) -> PromptBatch:
     return PromptBatch(list(batch.ids), ids, mask, dict(batch.targets), batch.read_len)
 
 
-
 @ATTACKS.register("soft_suffix")
 class SoftSuffixAttack(RecoveryAttack):
     """Soft tokens after the prompt, optimized in embedding space; no residual access."""
@@ -125,4 +124,3 @@ class SoftSuffixAttack(RecoveryAttack):
             slots[:, :-1] = 0
         ref = self.embed[self.suffix_id].norm().expand(n, k).clone()
         return Chunk(ext, ref, slots, torch.ones(n, k, dtype=torch.bool), self._readouts(seen), prefill=pre)
-
