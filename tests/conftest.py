@@ -83,11 +83,13 @@ def committed_record_as(defense: str, suite: str, mode: str, budget: float | Non
     import copy
     import json
 
+    from benchmark.attacks import ATTACKS
     from benchmark.running.metrics import summarize
     from benchmark.running.records import RECORDS_DIR
 
     r = json.loads((RECORDS_DIR / "smollm2-135m-instruct" / "sae_clamp" / "ioi__encoder.json").read_text())
     r["defense"]["name"], r["task"]["name"], r["attack"]["mode"] = defense, suite, mode
+    r["attack"]["threat_model"] = ATTACKS.get(mode).threat_model
     kept = 0
     for row in r["examples"]:
         if not row["valid_flip"]:
