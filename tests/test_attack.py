@@ -6,7 +6,7 @@ from conftest import site_input
 
 from benchmark.attacks import AttackConfig, build_attack
 
-from benchmark.modeling.forward import capture, compose, defense_edits, run_edited
+from benchmark.modeling.forward import compose, defense_edits, run_edited
 from benchmark.running.engine import behavior_scores, shared_prefix
 from benchmark.running.replay import replay_parts, stack_deltas
 
