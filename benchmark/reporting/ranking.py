@@ -102,10 +102,6 @@ class Cell:
         return self.entries[0][1]
 
     @property
-    def path(self) -> Path:
-        return self.entries[0][0]
-
-    @property
     def attacks(self) -> list[str]:
         """The attacks this cell was checked against."""
         return [r["attack"]["mode"] for _, r in self.entries]
