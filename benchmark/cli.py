@@ -122,7 +122,9 @@ def cmd_evaluate(args) -> int | None:
         check_params(DEFENSES.get(defense), params)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, remote=args.remote)
+    if args.remote and (args.device or args.dtype):
+        raise BenchmarkError("--device and --dtype choose where the model runs here; with --remote it runs on NDIF")
+    model = load_model(args.model, device=args.device, dtype=args.dtype, remote=args.remote)
     command = "benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for defense, task in runs:
         for cfg in cfgs:
@@ -148,7 +150,8 @@ def cmd_battery(args) -> int | None:
 
     if not args.list:
         extra = ["--keep-existing", "--records-dir", args.records_dir, *(["--quiet"] if args.quiet else []),
-                 *(["--threads", str(args.threads)] if args.threads else [])]
+                 *(["--threads", str(args.threads)] if args.threads else []),
+                 *(["--device", args.device] if args.device else []), *(["--dtype", args.dtype] if args.dtype else [])]
         for step in PLAN:
             code = main(step.argv() + extra)
             if code:
@@ -275,12 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", type=_csv, default=None,
                     help="comma-separated suites (see `benchmark tasks`; default: every registered suite)")
     ev.add_argument("--limit", type=_positive, default=None, metavar="N",
-                    help="score only the first N test examples of each suite: a cheap check, written to "
+                    help="score only the first N test examples of each suite (and measure the side effect on its first N "
+                         "control texts): a cheap check, written to "
                          "<suite>__<mode>.limit-N.json and never ranked (default: every test example)")
     ev.add_argument("--model", default=DEFAULT_MODEL,
                     help=f"registered model name or a local HF model folder; `{TINY_MODEL}`: the tests' random "
                          "4-layer stand-in with its own SAEs, built into the cache on first use, for a first run "
                          "in seconds with --tasks ioi, whose figures mean nothing")
+    ev.add_argument("--device", default=None,
+                    help="cpu, cuda, cuda:N or mps (default: cuda when this torch sees a GPU, else cpu)")
+    ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="the model weights' dtype (default: float32 on cpu, bfloat16 on a GPU); defense edits, the "
+                         "attacker and every score stay float32")
     ev.add_argument("--remote", action="store_true",
                     help="run every forward pass on NDIF (nnsight remote execution; needs NDIF_API_KEY, and a hub "
                          "model NDIF hosts). Gradients do not come back: the attack and gradient-attributed "
@@ -337,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--list", action="store_true", help="only list the planned runs and which have a record")
     ba.add_argument("--records-dir", default=str(RECORDS_DIR), help=records_help)
     ba.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    ba.add_argument("--device", default=None, help="as for evaluate (default: cuda when available, else cpu)")
+    ba.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="as for evaluate (default: float32 on cpu, bfloat16 on a GPU)")
     ba.add_argument("--quiet", action="store_true",
                     help="no progress bars (one line per stage and the summaries are still printed)")
     ba.set_defaults(func=cmd_battery)

@@ -8,7 +8,9 @@ and the directions the encoder constraint C1 must avoid.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from benchmark.modeling import sae_math
 from benchmark.errors import BenchmarkError
+from benchmark.files import write_json_atomic
 from benchmark.modeling.models import LoadedModel
 from benchmark.registry import Registry
 from benchmark.modeling.saes import LoadedSAE, load_sae
@@ -258,14 +261,50 @@ DEFENSES: Registry[type[Defense]] = Registry("defense", entry_point_group="sae_r
 
 
 def top_attributed_features(ctx: FitContext, layer: int, k: int, chunk: int = 32) -> Tensor:
-    """Latents of the SAE at ``layer`` with the largest act x grad attribution on the behavior score.
+    """Latents of the SAE at ``layer`` with the ``k`` largest :func:`attribution_totals`, in index order."""
+    return torch.topk(attribution_totals(ctx, layer, chunk), k).indices.sort().values
+
+
+def attribution_totals(ctx: FitContext, layer: int, chunk: int = 32) -> Tensor:
+    """[d_sae]: each latent's act x grad attribution on the behavior score over the fit split.
 
     Attribution of latent f: sum over fit examples and editable positions of ``z_f * d b / d z_f``, with the
-    SAE spliced in and its error term kept (held constant), so the forward pass equals the clean one.
+    SAE spliced in and its error term kept (held constant), so the forward pass equals the clean one. Every defense
+    that chooses features this way on a suite needs the same totals, so they are kept in the cache when every input
+    is pinned by a hash (a model file and SAE file with sha256, the suite's data and version): the second run of
+    any such defense on the suite skips this pass (seconds to minutes).
     """
+    path = _attribution_cache(ctx, layer)
+    if path is not None and path.exists():
+        return torch.tensor(json.loads(path.read_text())["totals"])
+    ctx.check_site(layer)
+    total = _attribution_pass(ctx, layer, chunk)
+    if path is not None:
+        write_json_atomic(path, {"totals": total.tolist()})
+    return total
+
+
+def _attribution_cache(ctx: FitContext, layer: int) -> Path | None:
+    """Where :func:`attribution_totals` keeps the totals of this fit, or None when an input is not pinned."""
+    from benchmark import __version__
+    from benchmark.modeling.models import cache_dir
+    from benchmark.modeling.saes import weights_hash
+
+    sae = ctx.sae(layer)
+    sae_hash = weights_hash(sae)
+    if sae_hash is None or not ctx.model.revision.startswith("sha256:"):
+        return None
+    task = ctx.task
+    key = json.dumps([__version__, ctx.model.revision, sae_hash, task.name, task.version, task.data_hash(),
+                      task.split_hashes()["fit"], layer, str(ctx.model.dtype),
+                      ctx.model.device.type])
+    return cache_dir() / "attribution" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _attribution_pass(ctx: FitContext, layer: int, chunk: int) -> Tensor:
+    """:func:`attribution_totals` computed: one forward and backward pass over the fit split."""
     from benchmark.modeling.forward import run_task
 
-    ctx.check_site(layer)
     sae = ctx.sae(layer).sae
     batch = ctx.fit_batch()
     total = torch.zeros(sae.cfg.d_sae)
@@ -282,4 +321,4 @@ def top_attributed_features(ctx: FitContext, layer: int, k: int, chunk: int = 32
         ctx.task.behavior(run_task(ctx.model, ctx.task, part, {layer: splice}), part).sum().backward()
         mask = part.token_mask[..., None]
         total += (latents["z"] * probe.grad * mask).sum((0, 1))
-    return torch.topk(total, k).indices.sort().values
+    return total

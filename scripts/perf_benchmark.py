@@ -28,6 +28,8 @@ thread count). Everything runs on the default model with the reference ``sae_cla
 - **unembedding**: attack steps with the read positions handed to the unembedding as one contiguous block (what
   :func:`benchmark.modeling.models.unembed_contiguously` does) against the strided slice the model passes by itself,
   alternating in one process, median over rounds.
+- **GPU** (``--gpu-only``, needs CUDA): one attack step at batch 64 on the GPU in float32 and bfloat16 against
+  2 CPU threads of the same machine, in one process, and the default command's wall time on the GPU.
 - **default battery**: the summed ``wall_seconds`` of the committed records of the default command
   (``benchmark evaluate --defense reference``: every suite with its reference defense, encoder attack) at the
   commits they name.
@@ -67,16 +69,18 @@ NEVER = (1e-9,)  # a budget at which no valid flip recovers: every step runs on 
 FILLER = "The weather report said the morning would be cool and the afternoon bright over the hills. "
 
 
-def setup(defense: str = "sae_clamp", params: dict | None = None, n_test: int | None = None):
+def setup(defense: str = "sae_clamp", params: dict | None = None, n_test: int | None = None,
+          device: str = "cpu", dtype: str = "float32"):
     """The default model, IOI, the fitted defense and the valid flips among the first ``n_test`` test prompts."""
-    model = load_model(DEFAULT_MODEL)
-    task = TASKS.get("ioi")(model.tokenizer)
-    task.prepare(model)
-    defense = DEFENSES.get(defense).create(**(params or {}))
-    defense.fit(FitContext(model, task))
-    test = task.encode(task.examples("test")[:n_test])
-    valid = (behavior_scores(model, task, test, None) > 0) & (behavior_scores(model, task, test, defense) <= 0)
-    return model, task, defense, test.select(valid.nonzero()[:, 0])
+    model = load_model(DEFAULT_MODEL, device=device, dtype=dtype)
+    with model.on_device():
+        task = TASKS.get("ioi")(model.tokenizer)
+        task.prepare(model)
+        defense = DEFENSES.get(defense).create(**(params or {}))
+        defense.fit(FitContext(model, task))
+        test = task.encode(task.examples("test")[:n_test])
+        valid = (behavior_scores(model, task, test, None) > 0) & (behavior_scores(model, task, test, defense) <= 0)
+        return model, task, defense, test.select(valid.nonzero()[:, 0])
 
 
 def filled_flips(model, task, defense, flips: PromptBatch, filler: int, n: int) -> PromptBatch:
@@ -482,6 +486,58 @@ def update_unembedding(out: Path, steps: int, rounds: int) -> None:
     print(json.dumps(rows, indent=2))
 
 
+GPU_HEADER = "## GPU against the 2-core CPU"
+
+
+def gpu_speed(steps: int, rounds: int, cpu_threads: int = 2) -> dict:
+    """One attack step at batch 64 (IOI, ``sae_clamp``) on ``cpu_threads`` CPU threads and on the GPU in float32
+    and bfloat16, each the median over ``rounds``, in this one process; the GPU's peak memory over those steps; and
+    the wall time of the default command (``benchmark evaluate --defense reference``) on the GPU, records to a
+    temporary folder."""
+    import tempfile
+
+    rows = []
+    for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
+        torch.set_num_threads(cpu_threads if device == "cpu" else torch.get_num_threads())
+        model, task, defense, flips = setup(device=device, dtype=dtype)
+        batch = flips.select(list(range(min(64, len(flips)))))
+        with model.on_device():
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            step = statistics.median(attack_step_seconds(model, task, defense, batch, steps) for _ in range(rounds))
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+        rows.append({"device": device if device == "cuda" else f"cpu ({cpu_threads} threads)", "dtype": dtype,
+                     "batch": len(batch), "attack_step_s": step, "peak_gpu_mib": peak})
+    for r in rows:
+        r["speedup_vs_cpu"] = rows[0]["attack_step_s"] / r["attack_step_s"]
+    with tempfile.TemporaryDirectory() as records:
+        t0 = time.time()
+        subprocess.run([sys.executable, "-m", "benchmark.cli", "evaluate", "--defense", "reference", "--device",
+                        "cuda", "--records-dir", records, "--quiet"], cwd=ROOT, check=True)
+        battery = time.time() - t0
+    return {"rows": rows, "default_battery_gpu_seconds": battery,
+            "gpu": torch.cuda.get_device_name(), "cpu_threads": cpu_threads}
+
+
+def gpu_section(g: dict) -> list[str]:
+    return [GPU_HEADER, "",
+            f"On {g['gpu']}, in one process: one attack step of `sae_clamp` on IOI at batch 64 on the GPU against "
+            f"{g['cpu_threads']} threads of the same machine's CPU (speedup: the CPU's step time over the row's), "
+            "and the default command (`benchmark evaluate --defense reference`, every suite, bfloat16) on the GPU. "
+            "Run by `scripts/gpu_check.sh`.", "",
+            table(g["rows"], ["device", "dtype", "batch", "attack_step_s", "speedup_vs_cpu", "peak_gpu_mib"]), "",
+            f"Default command on the GPU: {g['default_battery_gpu_seconds']:.1f} s.", ""]
+
+
+def update_gpu(out: Path, steps: int, rounds: int) -> None:
+    g = gpu_speed(steps, rounds)
+    keys = {"gpu": g["gpu"], "gpu_step_speedup_bfloat16": g["rows"][2]["speedup_vs_cpu"],
+            "gpu_step_speedup_float32": g["rows"][1]["speedup_vs_cpu"],
+            "default_battery_gpu_seconds": g["default_battery_gpu_seconds"]}
+    update_section(out, GPU_HEADER, gpu_section(g), keys)
+    print(json.dumps(g, indent=2))
+
+
 def replace_section(md: str, header: str, lines: list[str]) -> str:
     """``md`` with the ``## `` section ``header`` replaced by ``lines``, or inserted before the default battery's."""
     text = "\n".join(lines)
@@ -575,6 +631,9 @@ def main() -> None:
     ap.add_argument("--unembedding-only", action="store_true",
                     help="only measure attack steps with the contiguous against the strided unembedding input into "
                          "perf.json and perf.md")
+    ap.add_argument("--gpu-only", action="store_true",
+                    help="only measure attack steps on the GPU against 2 CPU threads, and the default command on the "
+                         "GPU, into perf.json and perf.md (needs CUDA; scripts/gpu_check.sh runs it)")
     ap.add_argument("--out", type=Path, default=ROOT / "leaderboard")
     args = ap.parse_args()
     keep_freed_memory()  # as `benchmark` does (unless BENCHMARK_GLIBC_MALLOC_DEFAULTS=1)
@@ -590,6 +649,9 @@ def main() -> None:
         return
     if args.ceiling_only:
         update_ceiling(args.out, args.threads, steps, rounds)
+        return
+    if args.gpu_only:
+        update_gpu(args.out, steps, rounds)
         return
     torch.set_num_threads(args.threads)
     if args.suffix_only:

@@ -130,13 +130,19 @@ def test_glibc_keeps_freed_memory_unless_its_defaults_are_asked_for(monkeypatch)
 
 def test_a_first_run_in_seconds_on_the_tiny_model(capsys, tmp_path, monkeypatch):
     """`--model tiny` builds the stand-in into the cache (with its SAEs as the default --sae-dir); `--limit` scores
-    the first test examples, says so in the record and its file name, and the record is never ranked; `--quiet`
+    the first test examples (and the side effect on the first control texts), says so in the record and its file name, and the record is never ranked; `--quiet`
     drops the progress bars but not the stage lines."""
     import json
 
     from benchmark.running.records import RECORDS_DIR, comparable
 
+    from benchmark.running import engine
+
     monkeypatch.setenv("BENCHMARK_CACHE", str(tmp_path / "cache"))
+    control_sizes = []
+    kl = engine.next_token_kl
+    monkeypatch.setattr(engine, "next_token_kl", lambda m, batch, *a, **k: control_sizes.append(len(batch)) or kl(
+        m, batch, *a, **k))
     records = tmp_path / "records"
     code = main(["evaluate", "--model", "tiny", "--defense", "sae_clamp", "--tasks", "ioi", "--limit", "8",
                  "--records-dir", str(records), "--quiet"])
@@ -146,6 +152,7 @@ def test_a_first_run_in_seconds_on_the_tiny_model(capsys, tmp_path, monkeypatch)
     assert "(8 examples, the first 8 only: not comparable, never ranked)" in out and str(path) in out
     record = json.loads(path.read_text())
     assert record["task"]["limit"] == 8 and len(record["examples"]) == 8 and not comparable(record)
+    assert control_sizes == [8], "the side effect is measured on the first 8 control texts"
     assert record["saes"][0]["release"].startswith(str(tmp_path / "cache" / "tiny"))
     assert comparable(json.loads((RECORDS_DIR / "smollm2-135m-instruct" / "sae_clamp" / "ioi__encoder.json").read_text()))
     stages = ["prepare task", "fit defense", "score base and defended", "side effect, edit size and task metrics",

@@ -1,5 +1,7 @@
 """The clamp does what its docstring says, in the SAE's own decomposition."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -55,3 +57,24 @@ def test_bad_parameters_are_rejected():
 def test_registry_suggests_close_names():
     with pytest.raises(BenchmarkError, match="did you mean 'sae_clamp'"):
         DEFENSES.get("sae_clmap")
+
+
+def test_attribution_totals_are_computed_once_per_pinned_fit(tiny_model, tiny_dir, ioi, tmp_path, monkeypatch):
+    """The act x grad totals come from the cache when model file, SAE file, suite data and layer match; another
+    layer is another entry, computed."""
+    from defenses import base
+
+    monkeypatch.setenv("BENCHMARK_CACHE", str(tmp_path))
+    folder = dataclasses.replace(tiny_model, revision="local:config")  # a local folder's config does not pin weights
+    base.attribution_totals(FitContext(folder, ioi, tiny_dir / "saes"), 2)
+    assert not (tmp_path / "attribution").exists()
+    tiny_model = dataclasses.replace(tiny_model, revision="sha256:" + "0" * 64)  # as `--model tiny` loads it
+    passes = []
+    compute = base._attribution_pass
+    monkeypatch.setattr(base, "_attribution_pass", lambda ctx, layer, chunk: passes.append(layer) or compute(
+        ctx, layer, chunk))
+    first = base.attribution_totals(FitContext(tiny_model, ioi, tiny_dir / "saes"), 2)
+    again = base.attribution_totals(FitContext(tiny_model, ioi, tiny_dir / "saes"), 2)
+    base.attribution_totals(FitContext(tiny_model, ioi, tiny_dir / "saes"), 1)
+    assert passes == [2, 1] and torch.equal(first, again) and first.abs().sum() > 0
+    assert len(list((tmp_path / "attribution").glob("*.json"))) == 2

@@ -42,7 +42,7 @@ class JacobianAttack(EncoderAttack):
         if not self.later_sites:
             chunk.jac_rank, chunk.jac_exact = torch.zeros(n, dtype=torch.long), True
             return
-        gen = torch.Generator().manual_seed(self.cfg.seed)
+        gen = torch.Generator(device=self.model.device).manual_seed(self.cfg.seed)
         delta = torch.zeros(n, batch.input_ids.shape[1], self.model.d_model, requires_grad=True)
         with torch.enable_grad(), cross_site.twice_differentiable():
             _, seen = self.forward(batch, delta, h_site=chunk.h_site)

@@ -29,7 +29,7 @@ class BaseResiduals:
 
     @staticmethod
     def _key(tokens: Tensor) -> bytes:
-        return tokens.numpy().tobytes()
+        return tokens.cpu().numpy().tobytes()
 
     @torch.no_grad()
     def get(self, batch: PromptBatch) -> Tensor:

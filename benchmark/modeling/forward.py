@@ -49,6 +49,11 @@ def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *
     - ``read_layer`` L: the residual after block L and its edit, [b, p, d]. The forward stops after the last
       block that is read or edited, so nothing above it runs (pass ``read_layer=max(edits)`` to only capture).
 
+    Precision and device: the batch moves to the model's device; each edit gets the block's output in float32 and
+    its result goes back into the model in the model's dtype, so defenses, the attacker's ``delta`` and every
+    readout taken inside an edit (C1's pre-activations) are exact to float32 whatever the weights' dtype; what is
+    returned is float32 too.
+
     ``prefix = (S, h)`` reuses a residual computed before: blocks 0..S do not run, block S outputs ``h``
     [b, p, d] (then ``edits[S]`` applies). It is what the attacker passes, since nothing below its site changes
     between steps; no edit may sit below S.
@@ -66,11 +71,12 @@ def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *
     n_past = 0 if past is None else past.get_seq_length()
     if past is not None and (prefix is not None or model.remote):
         raise ValueError("a key/value cache runs locally and from the input; it cannot reuse a residual prefix")
-    inputs = dict(attention_mask=batch.attention_mask, position_ids=batch.position_ids[:, n_past:])
+    dev = model.device
+    inputs = dict(attention_mask=batch.attention_mask.to(dev), position_ids=batch.position_ids[:, n_past:].to(dev))
     if inputs_embeds is None:
-        inputs["input_ids"] = batch.input_ids[:, n_past:]
+        inputs["input_ids"] = batch.input_ids[:, n_past:].to(dev)
     else:
-        inputs["inputs_embeds"] = inputs_embeds
+        inputs["inputs_embeds"] = inputs_embeds.to(dev, model.dtype)
     touched = sorted(set(edits) | ({read_layer} if read_layer is not None else set()))
     for layer in touched:
         model.check_layer(layer)
@@ -86,19 +92,20 @@ def run_edited(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit], *
                 stores = _capture_stores(edits).save()
             if prefix is not None:
                 stop, h = prefix
+                h = h.to(dev, model.dtype)
                 for layer in range(stop + 1):  # skipped: their outputs are never read, only shaped like h
                     model.block(layer).skip(h)
             for layer in touched:
                 block = model.block(layer)
-                if layer in edits:
-                    block.output = edits[layer](block.output)
+                if layer in edits:  # edits run in float32 whatever the model's dtype (C1 holds to float32 precision)
+                    block.output = edits[layer](block.output.float()).to(model.dtype)
                 if layer == read_layer:
                     residual = block.output.save()
             if read_layer is not None:
                 tracer.stop()
             else:
                 logits = model.lm.output.logits.save()
-    out = residual if read_layer is not None else logits
+    out = (residual if read_layer is not None else logits).float()  # what is scored or read: float32
     if bring_back:
         for mine, returned in zip(local_stores, stores):
             mine.update({k: _graphless(v) for k, v in returned.items()})

@@ -184,6 +184,52 @@ def _float32_copy_of_gguf(gguf: Path) -> tuple[Path, str]:
     return target, digest
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """The device a run uses: ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``) checked to exist here, or CUDA when
+    it is available, else the CPU. Checked before any model loads, so a wrong choice costs nothing."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise BenchmarkError(f"unknown device '{device}': use cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchmarkError(f"device '{device}' asked for, but this torch ({torch.__version__}) sees no CUDA "
+                                 "device: run with --device cpu, or install a CUDA build of torch on a GPU machine")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise BenchmarkError(f"device '{device}' does not exist: this machine has cuda:0..cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BenchmarkError(f"device '{device}' asked for, but MPS (Apple GPU) is not available here: use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise BenchmarkError(f"unsupported device '{device}': use cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The model's weights' dtype: ``dtype`` (``float32``, ``bfloat16``, ``float16``), by default float32 on the CPU
+    and bfloat16 on a GPU. float16 on the CPU is refused (most CPU kernels lack it, and it overflows where bfloat16
+    does not). Whatever the model's dtype, SAEs, defense edits, the attacker's ``delta``, its projections (C1, the
+    Jacobian null space), budgets and drift are computed in float32 (see :func:`benchmark.modeling.forward.run_edited`)."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise BenchmarkError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    if dtype == "float16" and device.type == "cpu":
+        raise BenchmarkError("float16 on the CPU is not supported (slow or missing kernels, and overflow where "
+                             "bfloat16 has none): use --dtype float32 or bfloat16 on the CPU, or float16 on a GPU")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how a record and the CLI name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass
 class LoadedModel:
     """A Hugging Face causal LM wrapped by nnsight, plus what the benchmark needs to know about it."""
@@ -199,6 +245,21 @@ class LoadedModel:
     spec: ModelSpec | None = None
     #: True: every forward pass runs on NDIF (the wrapper holds no weights; see :func:`remote_model`)
     remote: bool = False
+    #: where the weights live and every tensor of a run is made (see :meth:`on_device`)
+    device: torch.device = torch.device("cpu")
+    #: the weights' dtype; residual edits and everything the attacker computes stay float32
+    dtype: torch.dtype = torch.float32
+
+    @contextmanager
+    def on_device(self):
+        """A context in which tensors made without an explicit device are made on the model's device (torch's
+        default-device mode), so the engine, attacker, defenses, suites and replay need not pass it everywhere.
+        On the CPU it does nothing (the CPU is torch's default already, and the mode costs a little per op)."""
+        if self.device.type == "cpu":
+            yield
+            return
+        with torch.device(self.device):
+            yield
 
     @property
     def hf(self) -> torch.nn.Module:
@@ -329,9 +390,11 @@ def unembed_contiguously(hf_model) -> None:
     hf_model.get_output_embeddings().register_forward_pre_hook(contiguous_first_input)
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", remote: bool = False) -> LoadedModel:
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+               remote: bool = False) -> LoadedModel:
     """Load a registered model by name, or a saved Hugging Face model from a local folder.
 
+    ``device`` and ``dtype``: see :func:`resolve_device` and :func:`resolve_dtype` (checked before anything loads).
     ``remote``: build the wrapper for a hub model without its weights and run it on NDIF (see the module docstring).
     """
     from nnsight.modeling.transformers import TransformersModel
@@ -341,6 +404,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", remote: bool = Fa
     hf_logging.disable_progress_bar()  # a bar for a sub-second load only buries error messages
     if remote:
         return _load_remote(name)
+    dev = resolve_device(device)
+    weights_dtype = resolve_dtype(dtype, dev)
     spec = MODELS.get(name)
     if spec is None and not Path(name).is_dir():
         raise BenchmarkError(
@@ -361,13 +426,13 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", remote: bool = Fa
         ).hexdigest()[:16]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=weights_dtype)
     except OSError as err:
         raise BenchmarkError(
             f"cannot load model '{name}' ({err.__class__.__name__}); hub models need network access "
             "or a local copy in the Hugging Face cache"
         ) from err
-    hf_model.eval().requires_grad_(False).to(device)
+    hf_model.eval().requires_grad_(False).to(dev)
     unembed_contiguously(hf_model)
     arch = spec.architecture if spec else _architecture_of(hf_model.config)
     lm = TransformersModel(hf_model, tokenizer=tokenizer)
@@ -384,6 +449,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", remote: bool = Fa
         n_layers=hf_model.config.num_hidden_layers,
         d_model=hf_model.config.hidden_size,
         spec=spec,
+        device=dev,
+        dtype=weights_dtype,
     )
 
 

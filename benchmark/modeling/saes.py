@@ -23,7 +23,7 @@ CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"  # an SAE folder in sae_len
 
 @dataclass
 class LoadedSAE:
-    sae: object  # sae_lens.SAE, float32, unit-norm decoder rows
+    sae: object  # sae_lens.SAE, float32 on the model's device, unit-norm decoder rows
     layer: int  # decoder block whose output the SAE reads
     release: str  # sae_lens release or the folder it came from
     sae_id: str
@@ -54,7 +54,7 @@ def load_sae(model: LoadedModel, layer: int, sae_dir: Path | None = None) -> Loa
         if not (path / CFG).exists() or not (path / WEIGHTS).exists():
             raise _missing(path, layer)
         check_disk_sae(path, model.d_model)
-        sae = SAE.load_from_disk(str(path), device="cpu", dtype="float32")
+        sae = SAE.load_from_disk(str(path), device=str(model.device), dtype="float32")
         release = path.resolve().parent
         release = release.relative_to(REPO_ROOT) if release.is_relative_to(REPO_ROOT) else release
         loaded = LoadedSAE(sae, layer, str(release), path.name, path)
@@ -62,7 +62,8 @@ def load_sae(model: LoadedModel, layer: int, sae_dir: Path | None = None) -> Loa
         source = model.spec.sae_source
         hub_layer = layer + 1 if source.hook == "resid_pre" else layer
         try:
-            sae = SAE.from_pretrained(source.release, source.sae_id(hub_layer), device="cpu")
+            sae = SAE.from_pretrained(source.release, source.sae_id(hub_layer), device=str(model.device),
+                                      dtype="float32")
         except Exception as err:  # noqa: BLE001 - hub errors vary by library version; re-raise as one line
             raise BenchmarkError(
                 f"cannot load SAE {source.release}/{source.sae_id(hub_layer)} ({err.__class__.__name__}): "

@@ -19,7 +19,7 @@ from benchmark.errors import BenchmarkError, NonFiniteError
 from benchmark.modeling.forward import (capture, compose, defense_edits, next_token_kl, residual_prefix, run_edited, run_task,
                                task_forward)
 from benchmark.running.metrics import is_valid_flip
-from benchmark.modeling.models import LoadedModel, load_model
+from benchmark.modeling.models import LoadedModel, dtype_name, load_model
 from benchmark.running.records import (PATH_FIELDS, RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance,
                                record_path, working_tree_hash, write_record)
 from benchmark.registry import same_definition
@@ -106,7 +106,8 @@ def evaluate(
     stand-in, in seconds). ``defense``: a registered name, built with ``defense_params``, or a :class:`Defense`
     instance built with ``create(...)`` (fitted here). ``sae_dir``: the SAEs (default: the model's own).
     ``records_dir``: where the record goes, ``<records_dir>/<model>/<defense>/<task>__<mode>.json``. ``limit``: score
-    the first ``limit`` test examples only (a cheap check; the record says so and is never ranked: see
+    the first ``limit`` test examples only, and measure the side effect on the first ``limit`` control texts (a cheap
+    check; the record says so and is never ranked: see
     :func:`benchmark.running.records.comparable`). ``progress``: progress bars (the stages are printed either way).
 
     Finished chunks of an interrupted run with the same fingerprint are not run again; a finished record with
@@ -117,8 +118,9 @@ def evaluate(
         raise BenchmarkError(f"limit must be a number of test examples >= 1, got {limit}")
     loaded = load_model(model) if isinstance(model, str) else model
     try:
-        return _run(loaded, build_defense(defense, defense_params), task, attack, sae_dir, Path(records_dir),
-                    progress, command, shard, limit)
+        with loaded.on_device():  # every tensor the run makes lives on the model's device
+            return _run(loaded, build_defense(defense, defense_params), task, attack, sae_dir, Path(records_dir),
+                        progress, command, shard, limit)
     except NonFiniteError as err:  # raised where the NaN appeared, which may not know the suite
         raise err.in_suite(task) from None
 
@@ -180,14 +182,15 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
         return load_record(path), path
     with _phase("side effect, edit size and task metrics"):
         defended = lambda part: defense_edits(defense, part)  # noqa: E731
-        head["side_effect"] = (next_token_kl(model, task.control_batch(), defended, residuals=residuals)
-                               if defense.sites else 0.0)
+        control = task.control_batch()
+        control = control.select(list(range(min(limit or len(control), len(control)))))
+        head["side_effect"] = next_token_kl(model, control, defended, residuals=residuals) if defense.sites else 0.0
         head["defense_edit_rel"] = defense_edit_size(model, defense, test, residuals=residuals)
         head["task_metrics"] = task.task_metrics(task_forward(model, task, lambda part: {}, residuals),
                                                  task_forward(model, task, defended, residuals))
     n_chunks = math.ceil(len(flips) / attack_cfg.batch_size)
     partial = PartialRun.resume(partial_path(path, shard), run_id, shard, n_chunks, head,
-                                lambda seconds: provenance(seconds, command, git, run_id), started)
+                                lambda seconds: provenance(seconds, command, git, run_id, model), started)
     for c in partial.todo():
         with _phase(f"chunk {c + 1} of {n_chunks}"):
             partial.add(c, attack_chunk(attack, flips.select(chunk_rows(c, attack_cfg.batch_size, len(flips))),
@@ -218,7 +221,9 @@ def run_head(model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackC
     return {
         "schema_version": SCHEMA_VERSION,
         "benchmark_version": __version__,
-        "model": {"name": model.name, "revision": model.revision},
+        "model": {"name": model.name, "revision": model.revision,
+                  # float32 runs keep the fingerprint they had before the dtype was a choice
+                  **({} if model.dtype == torch.float32 else {"dtype": dtype_name(model.dtype)})},
         "saes": [_describe_sae(s) for s in defense.saes_used()],
         "defense": {"name": defense.name, "version": defense.version, "params": defense.params,
                     "defended": defense.defended()},

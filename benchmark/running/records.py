@@ -19,6 +19,7 @@ import torch
 
 from benchmark.errors import BenchmarkError
 from benchmark.files import write_json_atomic
+from benchmark.modeling.models import LoadedModel, dtype_name
 from benchmark.running.metrics import budget_curve, is_valid_flip, summarize
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "run_record.schema.json"
@@ -247,16 +248,20 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def provenance(wall_seconds: float, command: str, git: tuple[str, bool], fingerprint: str | None = None) -> dict:
+def provenance(wall_seconds: float, command: str, git: tuple[str, bool], fingerprint: str | None = None,
+               model: LoadedModel | None = None) -> dict:
     """Where and how a run was made; ``git`` is :func:`git_state` taken when the run started, ``fingerprint``
-    the run's (:func:`benchmark.running.shards.fingerprint`)."""
+    the run's (:func:`benchmark.running.shards.fingerprint`), ``model`` the model it ran (its device and dtype)."""
     commit, dirty = git
+    device = torch.device("cpu") if model is None else model.device
     out = {
         "git_commit": commit,
         "git_dirty": dirty,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "packages": package_versions(),
-        "device": f"cpu ({platform.machine()})" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "device": (f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                   f"{device.type} ({platform.machine()})"),
+        "dtype": "float32" if model is None else dtype_name(model.dtype),
         "cpu_threads": torch.get_num_threads(),
         "wall_seconds": round(wall_seconds, 1),
         "command": command,
