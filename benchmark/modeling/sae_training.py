@@ -218,7 +218,7 @@ def _next_token_losses(model: LoadedModel, layer: int, sae, seqs, batch: int = 1
 def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = "smollm2-135m-instruct") -> dict:
     """Collect activations once for all layers, train one SAE per layer, save fp16 weights and a report."""
     started = time.time()
-    model = load_model(model_name)
+    model = load_model(model_name, device="cpu")  # the trainer keeps its batches and generator on the CPU
     seqs = build_corpus(model.tokenizer, cfg)
     n_held = max(1, int(len(seqs) * cfg.heldout_tokens / (cfg.train_tokens + cfg.heldout_tokens)))
     heldout_seqs, train_seqs = seqs[:n_held], seqs[n_held:]
