@@ -28,6 +28,7 @@ thread count). Everything runs on the default model with the reference ``sae_cla
 - **unembedding**: attack steps with the read positions handed to the unembedding as one contiguous block (what
   :func:`benchmark.modeling.models.unembed_contiguously` does) against the strided slice the model passes by itself,
   alternating in one process, median over rounds.
+- **first run** (``--first-run-only``): the README's one-minute run, without and with the attribution cache.
 - **GPU** (``--gpu-only``, needs CUDA): one attack step at batch 64 on the GPU in float32 and bfloat16 against
   2 CPU threads of the same machine, in one process, and the default command's wall time on the GPU.
 - **default battery**: the summed ``wall_seconds`` of the committed records of the default command
@@ -486,6 +487,52 @@ def update_unembedding(out: Path, steps: int, rounds: int) -> None:
     print(json.dumps(rows, indent=2))
 
 
+FIRST_RUN_HEADER = "## A first run: one suite, 8 examples"
+FIRST_RUN = ["evaluate", "--defense", "sae_clamp", "--tasks", "ioi", "--limit", "8", "--quiet"]
+
+
+def first_run(threads: int) -> list[dict]:
+    """The README's one-minute run (``benchmark evaluate`` + :data:`FIRST_RUN`) as a user starts it, a fresh process
+    each: once with an empty attribution cache (the first run of a defense on a suite) and once with it filled (every
+    later run, and every other defense that fits from the same attribution). The model's float32 copy is taken from
+    the user's cache both times (on a fresh machine set-up makes it once, 20-30 s). Wall time of the whole command and
+    each stage's line as the run printed it."""
+    import re
+    import tempfile
+
+    from benchmark.modeling.models import cache_dir
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        cache.mkdir()
+        for entry in cache_dir().iterdir():  # everything but the attribution totals
+            if entry.name != "attribution":
+                (cache / entry.name).symlink_to(entry)
+        env = {**os.environ, "BENCHMARK_CACHE": str(cache), "OMP_NUM_THREADS": str(threads)}
+        for label in ("attribution not cached", "attribution cached"):
+            cmd = [sys.executable, "-m", "benchmark.cli", *FIRST_RUN, "--threads", str(threads),
+                   "--records-dir", str(Path(tmp) / label.replace(" ", "_"))]
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+            stages = {m[1]: float(m[2]) for m in re.finditer(r"^  (.+): ([0-9.]+) s$", out, re.M)}
+            rows.append({"run": label, "wall_s": time.perf_counter() - t0, **stages})
+    return rows
+
+
+def update_first_run(out: Path, threads: int) -> None:
+    commit, dirty = git_state()
+    load = os.getloadavg()[0]
+    rows = first_run(threads)
+    lines = [FIRST_RUN_HEADER, "",
+             f"`benchmark {' '.join(FIRST_RUN)}` on the default model, {threads} thread(s), commit `{commit[:10]}`"
+             f"{' (dirty)' if dirty else ''}, load average {load:.2f} at the start: the whole command's wall time "
+             "(start-up and model load included) and each stage as the run printed it.", "",
+             table(rows, list(rows[0])), ""]
+    update_section(out, FIRST_RUN_HEADER, lines, {"first_run_seconds": {r["run"]: r["wall_s"] for r in rows}})
+    print("\n".join(lines))
+
+
 GPU_HEADER = "## GPU against the 2-core CPU"
 
 
@@ -631,6 +678,9 @@ def main() -> None:
     ap.add_argument("--unembedding-only", action="store_true",
                     help="only measure attack steps with the contiguous against the strided unembedding input into "
                          "perf.json and perf.md")
+    ap.add_argument("--first-run-only", action="store_true",
+                    help="only time the README's one-minute run (sae_clamp on IOI, --limit 8), without and with the "
+                         "attribution cache, into perf.json and perf.md")
     ap.add_argument("--gpu-only", action="store_true",
                     help="only measure attack steps on the GPU against 2 CPU threads, and the default command on the "
                          "GPU, into perf.json and perf.md (needs CUDA; scripts/gpu_check.sh runs it)")
@@ -652,6 +702,9 @@ def main() -> None:
         return
     if args.gpu_only:
         update_gpu(args.out, steps, rounds)
+        return
+    if args.first_run_only:
+        update_first_run(args.out, args.threads)
         return
     torch.set_num_threads(args.threads)
     if args.suffix_only:
