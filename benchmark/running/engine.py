@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -155,7 +156,78 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
     """:func:`evaluate` with its arguments resolved."""
     started = time.time()
     git = git_state()  # the code that runs is the code at the start, whatever changes meanwhile
-    code = {"commit": git[0], "dirty": git[1], "diff": working_tree_hash() if git[1] else None}
+    code = code_state(git)
+    run = prepare_run(model, defense, task_name, attack_cfg, sae_dir, limit)
+    run_id = fingerprint(run.head, attack_cfg.to_record(), code)
+    path = record_path(model.name, defense.name, task_name, attack_cfg.mode, records_root, limit)
+    if recorded_fingerprint(path) == run_id:
+        print(f"done already: {path} comes from this very run (same fingerprint); delete it to run again", flush=True)
+        return load_record(path), path
+    run.measure()
+    partial = PartialRun.resume(partial_path(path, shard), run_id, shard, run.n_chunks, run.head,
+                                lambda seconds: provenance(seconds, command, git, run_id, model), started)
+    for c in partial.todo():
+        with _phase(f"chunk {c + 1} of {run.n_chunks}"):
+            partial.add(c, run.chunk(c, progress))
+    if shard != WHOLE:
+        return partial.save(), partial.path
+    record = partial.record()
+    write_record(record, path)
+    partial.path.unlink(missing_ok=True)
+    return record, path
+
+
+def code_state(git: tuple[str, bool]) -> dict:
+    """The code part of a run's fingerprint: commit, dirty flag and a hash of uncommitted changes (``git``:
+    :func:`~benchmark.running.records.git_state`)."""
+    return {"commit": git[0], "dirty": git[1], "diff": working_tree_hash() if git[1] else None}
+
+
+@dataclass
+class PreparedRun:
+    """A run up to its attack (:func:`prepare_run`): the defense fitted, the test examples scored, the valid flips in
+    length order, the attack built and the record's ``head``. Its chunks (:meth:`chunk`) can then run in any order,
+    in any process that prepared the same run: their results depend on the chunk alone."""
+
+    model: LoadedModel
+    task: TaskSuite
+    defense: Defense
+    cfg: AttackConfig
+    test: PromptBatch
+    flips: PromptBatch
+    attack: RecoveryAttack | None
+    residuals: BaseResiduals | None
+    head: dict
+    limit: int | None
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(len(self.flips) / self.cfg.batch_size)
+
+    def measure(self) -> None:
+        """Add the head's side effect (on the first ``limit`` control texts), defense edit size and task metrics
+        (the attack does not need them)."""
+        model, task, defense, residuals = self.model, self.task, self.defense, self.residuals
+        with _phase("side effect, edit size and task metrics"):
+            defended = lambda part: defense_edits(defense, part)  # noqa: E731
+            control = task.control_batch()
+            control = control.select(list(range(min(self.limit or len(control), len(control)))))
+            self.head["side_effect"] = (next_token_kl(model, control, defended, residuals=residuals)
+                                        if defense.sites else 0.0)
+            self.head["defense_edit_rel"] = defense_edit_size(model, defense, self.test, residuals=residuals)
+            self.head["task_metrics"] = task.task_metrics(task_forward(model, task, lambda part: {}, residuals),
+                                                          task_forward(model, task, defended, residuals))
+
+    def chunk(self, index: int, progress: bool) -> list[dict]:
+        """The results of attack chunk ``index`` (:func:`attack_chunk`)."""
+        rows = chunk_rows(index, self.cfg.batch_size, len(self.flips))
+        return attack_chunk(self.attack, self.flips.select(rows), progress, self.residuals)
+
+
+def prepare_run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: AttackConfig,
+                sae_dir: Path | None, limit: int | None) -> PreparedRun:
+    """Fit ``defense`` (unfitted, see :func:`build_defense`) on suite ``task_name``, score the first ``limit`` (None:
+    every) test examples with and without it, and build the attack on the valid flips."""
     torch.manual_seed(attack_cfg.seed)
     task = TASKS.get(task_name)(model.tokenizer)
     with _phase("prepare task"):
@@ -175,32 +247,7 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
     flips = test.select([r for r in test.length_order() if is_valid_flip(scored[r]["b_base"], scored[r]["b_defended"])])
     attack = build_attack(model, defense, task, attack_cfg) if len(flips) else None
     head = run_head(model, defense, task, attack_cfg, attack, scored, limit)
-    run_id = fingerprint(head, attack_cfg.to_record(), code)
-    path = record_path(model.name, defense.name, task.name, attack_cfg.mode, records_root, limit)
-    if recorded_fingerprint(path) == run_id:
-        print(f"done already: {path} comes from this very run (same fingerprint); delete it to run again", flush=True)
-        return load_record(path), path
-    with _phase("side effect, edit size and task metrics"):
-        defended = lambda part: defense_edits(defense, part)  # noqa: E731
-        control = task.control_batch()
-        control = control.select(list(range(min(limit or len(control), len(control)))))
-        head["side_effect"] = next_token_kl(model, control, defended, residuals=residuals) if defense.sites else 0.0
-        head["defense_edit_rel"] = defense_edit_size(model, defense, test, residuals=residuals)
-        head["task_metrics"] = task.task_metrics(task_forward(model, task, lambda part: {}, residuals),
-                                                 task_forward(model, task, defended, residuals))
-    n_chunks = math.ceil(len(flips) / attack_cfg.batch_size)
-    partial = PartialRun.resume(partial_path(path, shard), run_id, shard, n_chunks, head,
-                                lambda seconds: provenance(seconds, command, git, run_id, model), started)
-    for c in partial.todo():
-        with _phase(f"chunk {c + 1} of {n_chunks}"):
-            partial.add(c, attack_chunk(attack, flips.select(chunk_rows(c, attack_cfg.batch_size, len(flips))),
-                                        progress, residuals))
-    if shard != WHOLE:
-        return partial.save(), partial.path
-    record = partial.record()
-    write_record(record, path)
-    partial.path.unlink(missing_ok=True)
-    return record, path
+    return PreparedRun(model, task, defense, attack_cfg, test, flips, attack, residuals, head, limit)
 
 
 def run_head(model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackConfig,
