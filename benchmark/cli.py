@@ -79,20 +79,22 @@ def keep_freed_memory() -> bool:
 REFERENCE = "reference"
 
 
-def cmd_evaluate(args) -> int | None:
-    import torch
-
+def _plan(args) -> list | int:
+    """The runs (:class:`~benchmark.running.engine.RunSpec`) of ``benchmark evaluate`` arguments, every name and
+    parameter checked before a model loads; or, for a submission with the serial executor, the exit status of its
+    evaluation in a child process (which comes back here with the submission registered)."""
     from benchmark.running import submissions
     from benchmark.attacks import ATTACKS, AttackConfig
-    from benchmark.running.engine import evaluate
-    from benchmark.modeling.models import load_model
-    from benchmark.running.records import SHARD_FILE, load_record, record_path
+    from benchmark.running.engine import RunSpec
     from benchmark.running.shards import Shard
     from defenses import DEFENSES
     from defenses.base import check_params
     from tasks import TASKS
 
     shard = Shard.parse(args.shard)
+    if args.executor == "ray" and shard.count > 1:
+        raise BenchmarkError("--shard is for splitting a run by hand; with --executor ray the run's chunks go to "
+                             "the workers and the record is written directly: drop --shard")
     args.tasks = args.tasks or TASKS.names()
     for t in args.tasks:
         TASKS.get(t)
@@ -106,6 +108,7 @@ def cmd_evaluate(args) -> int | None:
                          jacobian_rank=args.jacobian_rank, jacobian_exact_rows=args.jacobian_exact_rows,
                          suffix_len=args.suffix_len, params=attack_params)
             for m in args.attack]
+    submission = None
     if args.defense == REFERENCE:
         if params:
             raise BenchmarkError("-D parameters belong to one named defense; with --defense reference every suite "
@@ -114,71 +117,132 @@ def cmd_evaluate(args) -> int | None:
     else:
         if submissions.is_submission_ref(args.defense):
             sub = submissions.active(args.defense)
-            if sub is None:  # run the submitted code in a child process with a time limit; it comes back here
+            if sub is not None:
+                args.defense, params = sub.name, {**sub.params(), **params}
+            elif args.executor == "serial":  # run the submitted code in a child process with a time limit
                 return submissions.evaluate_in_child(args.defense, args.argv, args.timeout)
-            args.defense, params = sub.name, {**sub.params(), **params}
+            else:  # the Ray workers run the submitted code; here only its manifest is read
+                manifest = submissions.load_manifest(args.defense)
+                submission = str(Path(args.defense).resolve())
+                args.defense, params = manifest["name"], {**manifest["parameters"], **params}
         runs = [(args.defense, t) for t in args.tasks]
-    for defense, _ in runs:  # fail on a bad name or parameter before the model loads
-        check_params(DEFENSES.get(defense), params)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if submission is None:
+        for defense, _ in runs:  # fail on a bad name or parameter before the model loads
+            check_params(DEFENSES.get(defense), params)
+    return [RunSpec(defense, task, cfg, params, submission, args.sae_dir, args.limit)
+            for defense, task in runs for cfg in cfgs]
+
+
+def _to_run(specs: list, model: str, records_dir: str, keep_existing: bool) -> list:
+    """``specs`` less repeats, and less those whose record exists if ``keep_existing`` (a line each)."""
+    from benchmark.modeling.models import model_name
+    from benchmark.running.records import load_record
+
+    name, root, out = model_name(model), Path(records_dir), {}
+    for spec in specs:
+        kept = spec.record_path(name, root)
+        if kept in out:
+            continue
+        if keep_existing and kept.exists():
+            commit = load_record(kept)["provenance"]["git_commit"][:10]
+            print(f"== {spec.label()}: kept {kept} (commit {commit})", flush=True)
+            continue
+        out[kept] = spec
+    return list(out.values())
+
+
+def cmd_evaluate(args) -> int | None:
+    from benchmark.running.shards import Shard
+
+    specs = _plan(args)
+    if isinstance(specs, int):
+        return specs
+    specs = _to_run(specs, args.model, args.records_dir, args.keep_existing)
     if args.remote and (args.device or args.dtype):
         raise BenchmarkError("--device and --dtype choose where the model runs here; with --remote it runs on NDIF")
-    model = load_model(args.model, device=args.device, dtype=args.dtype, remote=args.remote)
+    if args.executor == "ray":
+        if args.remote:
+            raise BenchmarkError("--remote runs every forward pass on NDIF, leaving nothing for Ray workers to do: "
+                                 "drop --executor ray")
+        return _on_ray(specs, args)
+    return _serially(specs, args, Shard.parse(args.shard))
+
+
+def _serially(specs: list, args, shard) -> int:
+    """Run ``specs`` one after another in this process; a run that fails with a :class:`BenchmarkError` is reported
+    and the others go on (status 2 if any failed)."""
+    import torch
+
+    from benchmark.running.engine import evaluate
+    from benchmark.modeling.models import load_model
+    from benchmark.running.records import SHARD_FILE, summary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = (load_model(args.model, device=args.device, dtype=args.dtype, remote=args.remote) if specs else None)
     command = "benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    for defense, task in runs:
-        for cfg in cfgs:
-            t0 = time.time()
-            kept = record_path(model.name, defense, task, cfg.mode, Path(args.records_dir), args.limit)
-            if args.keep_existing and kept.exists():
-                commit = load_record(kept)["provenance"]["git_commit"][:10]
-                print(f"== {defense} on {task}, attack {cfg.mode}: kept {kept} (commit {commit})", flush=True)
-                continue
-            print(f"== {defense} on {task}, attack {cfg.mode}" + (f", shard {shard}" if shard.count > 1 else ""),
-                  flush=True)
-            out, path = evaluate(model, defense, task, cfg, params, args.sae_dir, Path(args.records_dir),
-                                 progress=not args.quiet, command=command, shard=shard, limit=args.limit)
-            if SHARD_FILE.match(path.name):
-                print(f"   shard {shard}: {len(out['chunks'])} of {out['chunks_total']} chunks; "
-                      f"{time.time() - t0:.0f} s -> {path} (`benchmark merge` makes the record)", flush=True)
-            else:
-                _summary(out, f"{time.time() - t0:.0f} s -> {path}")
+    failed = 0
+    for spec in specs:
+        t0 = time.time()
+        print(f"== {spec.label()}" + (f", shard {shard}" if shard.count > 1 else ""), flush=True)
+        try:
+            out, path = evaluate(model, spec.defense, spec.suite, spec.attack, spec.params, spec.sae_dir,
+                                 Path(args.records_dir), progress=not args.quiet, command=command, shard=shard,
+                                 limit=spec.limit)
+        except BenchmarkError as err:
+            failed += 1
+            print(f"error: {spec.label()}: {err}", file=sys.stderr, flush=True)
+            continue
+        if SHARD_FILE.match(path.name):
+            print(f"   shard {shard}: {len(out['chunks'])} of {out['chunks_total']} chunks; "
+                  f"{time.time() - t0:.0f} s -> {path} (`benchmark merge` makes the record)", flush=True)
+        else:
+            print(f"   {summary(out)}; {time.time() - t0:.0f} s -> {path}", flush=True)
+    return 2 if failed else 0
+
+
+def _on_ray(specs: list, args) -> int:
+    """Run ``specs`` on Ray workers (:mod:`benchmark.running.ray_executor`) as ``args`` (of ``evaluate`` or
+    ``battery``) say; status 2 if any run failed."""
+    from benchmark.running.ray_executor import RayOptions, run_on_ray
+
+    options = RayOptions(model=args.model, threads=args.threads or 1, workers=args.workers, address=args.ray_address)
+    command = "benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return 2 if run_on_ray(specs, options, Path(args.records_dir), command, progress=not args.quiet) else 0
 
 
 def cmd_battery(args) -> int | None:
     from benchmark.running.battery import PLAN, coverage
+    from benchmark.modeling.models import model_name
 
+    code = None
     if not args.list:
-        extra = ["--keep-existing", "--records-dir", args.records_dir, *(["--quiet"] if args.quiet else []),
+        extra = ["--keep-existing", "--records-dir", args.records_dir, "--model", args.model,
+                 *(["--limit", str(args.limit)] if args.limit else []), *(["--quiet"] if args.quiet else []),
                  *(["--threads", str(args.threads)] if args.threads else []),
                  *(["--device", args.device] if args.device else []), *(["--dtype", args.dtype] if args.dtype else [])]
-        for step in PLAN:
-            code = main(step.argv() + extra)
-            if code:
-                return code
-    have = coverage(Path(args.records_dir))
+        if args.executor == "ray":  # every planned run at once, so the workers always have work
+            parser = build_parser()
+            steps = [parser.parse_args(step.argv() + extra + ["--executor", "ray"]) for step in PLAN]
+            specs = [spec for step in steps for spec in _plan(step)]
+            code = _on_ray(_to_run(specs, args.model, args.records_dir, keep_existing=True), args)
+        else:  # a run that fails is reported and the battery goes on
+            code = max(main(step.argv() + extra) for step in PLAN)
+    have = coverage(Path(args.records_dir), model_name(args.model), PLAN)
     for (defense, suite, mode), path in have.items():
         print(f"{'recorded' if path else 'missing ':8s}  {defense:24s} {suite:9s} {mode}")
     print(f"{sum(p is not None for p in have.values())} of {len(have)} planned runs have a record", flush=True)
-
-
-def _summary(record: dict, tail: str) -> None:
-    from benchmark.running.records import comparable
-
-    c, m = record["counts"], record["metrics"]
-    rate = "n/a" if m["recovery_rate"] is None else f"{m['recovery_rate']:.3f}"
-    limited = "" if comparable(record) else f", the first {record['task']['limit']} only: not comparable, never ranked"
-    print(f"   {c['valid_flips']} valid flips of {c['base_behavior']} with the behavior ({c['examples']} examples"
-          f"{limited}); recovered {c['recovered']} (rate {rate}); {tail}", flush=True)
+    return code
 
 
 def cmd_merge(args) -> None:
+    from benchmark.running.records import summary
     from benchmark.running.shards import merge, shard_files
 
     command = "benchmark " + " ".join(shlex.quote(a) for a in args.argv)
     for record_path, files in sorted(shard_files([Path(p) for p in args.paths]).items()):
         record = merge(record_path, files, command)
-        _summary(record, f"merged {len(files)} shards -> {record_path}")
+        print(f"   {summary(record)}; merged {len(files)} shards -> {record_path}", flush=True)
         if not args.keep_shards:
             for f in files:
                 f.unlink()
@@ -240,6 +304,20 @@ def cmd_train_saes(args) -> None:
                       steps=args.steps, seed=args.seed)
     report = train_reference_saes(Path(args.out), cfg)
     print(json.dumps(report["saes"], indent=1))
+
+
+def _executor_options(parser: argparse.ArgumentParser) -> None:
+    """``--executor`` and the Ray executor's options (:mod:`benchmark.running.ray_executor`)."""
+    parser.add_argument("--executor", choices=("serial", "ray"), default="serial",
+                        help="serial: one run after another in this process; ray: every run, and every attack chunk "
+                             "of a run, as work for Ray workers (each loads the model once), records written here "
+                             "(needs the extra: pip install -e \".[ray]\")")
+    parser.add_argument("--workers", type=_positive, default=None,
+                        help="Ray workers, each one run or chunk at a time with --threads CPU threads (default: the "
+                             "cluster's CPUs / --threads)")
+    parser.add_argument("--ray-address", default=None,
+                        help="an existing Ray cluster to use (default: RAY_ADDRESS if set, else a local instance "
+                             "started for this command)")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -324,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder with layer_<L>/ SAEs in sae_lens disk format (default: the model's own: saes/<model>/ "
                          "for the default model, the stand-in's for the tiny one, the hub release for hub models)")
     ev.add_argument("--records-dir", default=str(RECORDS_DIR), help=records_help)
-    ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    ev.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's choice; with --executor ray: per worker, 0 meaning 1)")
     ev.add_argument("--keep-existing", action="store_true",
                     help="skip every run whose record exists already, whatever commit it ran at (its row on the "
                          "leaderboard names that commit); for filling in a battery over several sessions")
@@ -335,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shard", default="0/1", metavar="I/N",
                     help="run only shard I of N (attack chunks whose index is I modulo N) and write "
                          "<suite>__<mode>.shard-I-of-N.json beside the record; `benchmark merge` makes the record")
+    _executor_options(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     ba = sub.add_parser("battery", help="run the full battery's planned runs that have no record yet",
@@ -342,15 +422,24 @@ def build_parser() -> argparse.ArgumentParser:
                         description="The full battery on the default model (benchmark/running/battery.py): every built-in "
                                     "defense and the example submission on every suite it fits, with its constrained "
                                     "attack, `none` and the soft-suffix baseline. Runs each planned `benchmark "
-                                    "evaluate` with --keep-existing, then lists which planned runs have a record.")
+                                    "evaluate` with --keep-existing (a run that fails is reported and the others go "
+                                    "on; with --executor ray all of them at once on Ray workers), then lists which "
+                                    "planned runs have a record.")
     ba.add_argument("--list", action="store_true", help="only list the planned runs and which have a record")
     ba.add_argument("--records-dir", default=str(RECORDS_DIR), help=records_help)
-    ba.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    ba.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"the model the plan runs on (`{TINY_MODEL}`: the tests' stand-in, where the runs whose "
+                         "defaults do not fit it fail and are reported)")
+    ba.add_argument("--limit", type=_positive, default=None, metavar="N",
+                    help="score only the first N test examples of each suite (records never ranked)")
+    ba.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's choice; with --executor ray: per worker, 0 meaning 1)")
     ba.add_argument("--device", default=None, help="as for evaluate (default: cuda when available, else cpu)")
     ba.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                     help="as for evaluate (default: float32 on cpu, bfloat16 on a GPU)")
     ba.add_argument("--quiet", action="store_true",
                     help="no progress bars (one line per stage and the summaries are still printed)")
+    _executor_options(ba)
     ba.set_defaults(func=cmd_battery)
 
     me = sub.add_parser("merge", help="combine the shard files of `evaluate --shard` into run records",

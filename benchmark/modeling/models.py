@@ -390,6 +390,12 @@ def unembed_contiguously(hf_model) -> None:
     hf_model.get_output_embeddings().register_forward_pre_hook(contiguous_first_input)
 
 
+def model_name(name: str) -> str:
+    """The name a model's records carry (:attr:`LoadedModel.name`): a registered model's, else ``name`` as given."""
+    spec = MODELS.get(name)
+    return spec.name if spec else str(name)
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
                remote: bool = False) -> LoadedModel:
     """Load a registered model by name, or a saved Hugging Face model from a local folder.
@@ -440,7 +446,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return LoadedModel(
-        name=spec.name if spec else str(name),
+        name=model_name(name),
         revision=revision,
         architecture=arch,
         lm=lm,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -124,6 +124,37 @@ def evaluate(
                         progress, command, shard, limit)
     except NonFiniteError as err:  # raised where the NaN appeared, which may not know the suite
         raise err.in_suite(task) from None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a command, as an executor receives it: registered ``defense`` (a submission's manifest name, with
+    ``submission`` its folder, whose code the process that runs it registers first) built with ``params``, on
+    ``suite`` against ``attack``, with the SAEs of ``sae_dir`` (None: the model's own), on the first ``limit`` test
+    examples (None: every one)."""
+
+    defense: str
+    suite: str
+    attack: AttackConfig
+    params: dict = field(default_factory=dict)
+    submission: str | None = None
+    sae_dir: Path | None = None
+    limit: int | None = None
+
+    def label(self) -> str:
+        return f"{self.defense} on {self.suite}, attack {self.attack.mode}"
+
+    def record_path(self, model_name: str, root: Path) -> Path:
+        return record_path(model_name, self.defense, self.suite, self.attack.mode, root, self.limit)
+
+    def prepare(self, model: LoadedModel) -> PreparedRun:
+        """:func:`prepare_run` of this run on ``model``."""
+        if self.submission is not None:
+            from benchmark.running import submissions
+
+            submissions.active(self.submission) or submissions.register(self.submission)
+        return prepare_run(model, build_defense(self.defense, self.params), self.suite, self.attack, self.sae_dir,
+                           self.limit)
 
 
 def build_defense(defense: str | Defense, params: dict | None = None) -> Defense:

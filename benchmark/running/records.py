@@ -84,6 +84,15 @@ def record_path(model: str, defense: str, task: str, mode: str, root: Path = REC
     return root / safe(model) / safe(defense) / f"{task}__{mode}{'' if limit is None else f'.limit-{limit}'}.json"
 
 
+def summary(record: dict) -> str:
+    """A finished run's outcome in one line: valid flips, examples, recovered and the recovery rate."""
+    c, m = record["counts"], record["metrics"]
+    rate = "n/a" if m["recovery_rate"] is None else f"{m['recovery_rate']:.3f}"
+    limited = "" if comparable(record) else f", the first {record['task']['limit']} only: not comparable, never ranked"
+    return (f"{c['valid_flips']} valid flips of {c['base_behavior']} with the behavior ({c['examples']} examples"
+            f"{limited}); recovered {c['recovered']} (rate {rate})")
+
+
 def comparable(record: dict) -> bool:
     """Whether a record may be ranked against others: False for a run on the first ``task.limit`` test examples only
     (``benchmark evaluate --limit``), a cheap check whose figures come from a different, smaller test set."""
@@ -248,21 +257,27 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def machine(model: LoadedModel | None = None) -> dict:
+    """The provenance fields that say where ``model`` (None: a float32 model on the CPU) computes in this process:
+    ``device``, ``dtype`` and ``cpu_threads``."""
+    device = torch.device("cpu") if model is None else model.device
+    return {"device": (f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                       f"{device.type} ({platform.machine()})"),
+            "dtype": "float32" if model is None else dtype_name(model.dtype),
+            "cpu_threads": torch.get_num_threads()}
+
+
 def provenance(wall_seconds: float, command: str, git: tuple[str, bool], fingerprint: str | None = None,
                model: LoadedModel | None = None) -> dict:
     """Where and how a run was made; ``git`` is :func:`git_state` taken when the run started, ``fingerprint``
     the run's (:func:`benchmark.running.shards.fingerprint`), ``model`` the model it ran (its device and dtype)."""
     commit, dirty = git
-    device = torch.device("cpu") if model is None else model.device
     out = {
         "git_commit": commit,
         "git_dirty": dirty,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "packages": package_versions(),
-        "device": (f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                   f"{device.type} ({platform.machine()})"),
-        "dtype": "float32" if model is None else dtype_name(model.dtype),
-        "cpu_threads": torch.get_num_threads(),
+        **machine(model),
         "wall_seconds": round(wall_seconds, 1),
         "command": command,
     }
