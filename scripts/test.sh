@@ -3,7 +3,7 @@
 # `scripts/test.sh --slow` runs only the tests that need the real default model (several more minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh ray  # the Ray executor's tests run in the default run
 export HF_HUB_OFFLINE=1
 if [ "${1:-}" = "--slow" ]; then
   shift
