@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchmark.errors import BenchmarkError, one_line
 from benchmark.running.engine import PreparedRun, RunSpec, code_state
@@ -124,16 +124,16 @@ class _Item:
 class _Driver:
     """Hands work to idle workers, collects results, writes checkpoints and records, reports."""
 
-    def __init__(self, ray: Any, actors: list, specs: list[RunSpec], model: str, records_root: Path, command: str,
-                 progress: bool) -> None:
+    def __init__(self, ray: Any, new_worker: Callable[[], Any], workers: list, specs: list[RunSpec], model: str,
+                 records_root: Path, command: str, progress: bool) -> None:
         from tqdm import tqdm
 
-        self.ray, self.actors, self.command = ray, actors, command
+        self.ray, self.new_worker, self.actors, self.command = ray, new_worker, workers, command
         self.git = git_state()
         self.code = code_state(self.git)
         self.new = deque(_Run(i, s, s.record_path(model, records_root)) for i, s in enumerate(specs))
         self.queue: deque[_Item] = deque()
-        self.has: dict[int, set[int]] = {a: set() for a in range(len(actors))}  # actor -> runs it prepared
+        self.has: dict[int, set[int]] = {a: set() for a in range(len(workers))}  # actor -> runs it prepared
         self.failures: list[tuple[str, str]] = []
         self.bar = tqdm(total=len(specs), unit="run", disable=not progress, file=sys.stderr)
 
@@ -175,15 +175,16 @@ class _Driver:
         run = item.run
         try:
             value = self.ray.get(ref)
-        except self.ray.exceptions.RayActorError as err:  # the worker process died; Ray restarts it, empty
-            self.has[a].clear()
+        except self.ray.exceptions.RayActorError as err:  # the worker process died: a new one takes its place
+            self.ray.kill(self.actors[a], no_restart=True)
+            self.actors[a], self.has[a] = self.new_worker(), set()
             item.deaths += 1
             what = "preparation" if item.chunk is None else f"chunk {item.chunk + 1}"
             if item.deaths >= WORKER_DEATHS:
                 return self._fail(run, f"its worker died {item.deaths} times ({what}): {one_line(err, 200)}")
             if not run.failed:
-                self._line(f"   worker {a} died during {run.spec.label()} ({what}); it goes again on a restarted "
-                           "worker")
+                self._line(f"   worker {a} died during {run.spec.label()} ({what}) and is replaced; the work goes "
+                           "again")
                 self.queue.appendleft(item)
             return
         except self.ray.exceptions.RayTaskError as err:  # the run's own code raised: it would raise again
@@ -236,10 +237,11 @@ class _Driver:
         run.failed = True
         self.queue = deque(i for i in self.queue if i.run is not run)
         self.failures.append((run.spec.label(), line))
-        self._line(f"error: {run.spec.label()}: {line}", sys.stderr)
+        self._line(f"error: {run.spec.label()}: {line}", error=True)
         self.bar.update()
 
-    def _line(self, text: str, file=sys.stdout) -> None:
+    def _line(self, text: str, error: bool = False) -> None:
+        file = sys.stderr if error else sys.stdout
         self.bar.write(text, file=file)
         file.flush()
 
@@ -266,11 +268,13 @@ def run_on_ray(specs: list[RunSpec], options: RayOptions, records_root: Path, co
         ray.init(address=options.address, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         workers = options.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.threads)
-        remote = ray.remote(num_cpus=options.threads, max_restarts=-1, max_task_retries=0)(Worker)
-        actors = [remote.remote(options.model, options.threads) for _ in range(workers)]
+        remote = ray.remote(num_cpus=options.threads, max_restarts=0)(Worker)
+        new_worker = lambda: remote.remote(options.model, options.threads)  # noqa: E731
+        actors = [new_worker() for _ in range(workers)]
         _check_workers(ray, actors, model_name(options.model))
         print(f"{len(actors)} Ray workers, {options.threads} thread(s) each; {len(specs)} runs", flush=True)
-        return _Driver(ray, actors, specs, model_name(options.model), records_root, command, progress).run()
+        return _Driver(ray, new_worker, actors, specs, model_name(options.model), records_root, command,
+                       progress).run()
     finally:
         if started_here:
             ray.shutdown()
