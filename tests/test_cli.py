@@ -27,22 +27,31 @@ def test_unknown_task(capsys):
 
 def test_layer_out_of_range(capsys, tiny_dir):
     code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--model", str(tiny_dir / "model"),
-                     "--sae-dir", str(tiny_dir / "saes"), "-D", "layer=99", "--quiet")
+                     "--sae-dir", str(tiny_dir / "saes"), "-D", "layer=99", "--tasks", "ioi", "--quiet")
     assert code == 2 and err.count("\n") == 0
     assert "layer 99 is out of range" in err and "0..3" in err
 
 
 def test_sae_width_mismatch(capsys, tiny_dir):
     code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--model", str(tiny_dir / "model"),
-                     "--sae-dir", str(tiny_dir / "saes_wrong_width"), "-D", "layer=2", "--quiet")
+                     "--sae-dir", str(tiny_dir / "saes_wrong_width"), "-D", "layer=2", "--tasks", "ioi", "--quiet")
     assert code == 2 and err.count("\n") == 0
     assert "d_in=32" in err and "d_model=64" in err
 
 
 def test_missing_sae_file(capsys, tiny_dir, tmp_path):
     code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--model", str(tiny_dir / "model"),
-                     "--sae-dir", str(tmp_path), "-D", "layer=1", "--quiet")
+                     "--sae-dir", str(tmp_path), "-D", "layer=1", "--tasks", "ioi", "--quiet")
     assert code == 2 and "no SAE for layer 1" in err and "benchmark train-saes" in err
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(capsys, tmp_path):
+    code = main(["evaluate", "--model", "tiny", "--defense", "sae_clamp", "--tasks", "wmdp_bio,ioi", "--limit", "8",
+                 "--steps", "2", "--quiet", "--records-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: sae_clamp on wmdp_bio, attack encoder: ") and "single-token choices" in err
+    assert (tmp_path / "tiny" / "sae_clamp" / "ioi__encoder.limit-8.json").is_file()
 
 
 def test_unknown_attack_mode_and_bad_param(capsys):
@@ -164,9 +173,10 @@ def test_a_first_run_in_seconds_on_the_tiny_model(capsys, tmp_path, monkeypatch)
     assert bad.value.code == 2 and "--limit: expected a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
-def test_every_help_shows_the_defaults():
+def test_every_help_shows_the_defaults(monkeypatch):
     from benchmark.cli import build_parser
 
+    monkeypatch.setenv("COLUMNS", "10000")  # no wrapping: argparse breaks a long default at a hyphen in its path
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in subparsers.choices.items():
