@@ -19,7 +19,7 @@ thread count). Everything runs on the default model with the reference ``sae_cla
   process, the peak mark reset after the model is loaded) against batch size, prompt length and number of
   defended sites, and attack wall time against number of examples.
 - **allocator**: attack steps per second at batch 64 with prompts of refusal's length, glibc's allocator at its
-  defaults against the freed memory kept (:func:`benchmark.cli.keep_freed_memory`, what ``benchmark`` does),
+  defaults against the freed memory kept (:func:`benchmark.allocator.keep_freed_memory`, what ``benchmark`` does),
   each in a fresh process, alternating, median over rounds.
 - **ceiling**: one attack step's FLOPs per second against a large float32 matrix product at the same thread
   count (the practical ceiling of the dense layers); and the same steps in one single-thread process per core,
@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from benchmark.attacks import AttackConfig, build_attack  # noqa: E402
 from benchmark.attacks.soft_suffix import SoftSuffixAttack, with_suffix  # noqa: E402
 from benchmark.modeling.forward import defense_edits  # noqa: E402
-from benchmark.cli import GLIBC_DEFAULTS_ENV, keep_freed_memory  # noqa: E402
+from benchmark.allocator import GLIBC_DEFAULTS_ENV, keep_freed_memory  # noqa: E402
 from benchmark.running.engine import behavior_scores  # noqa: E402
 from benchmark.modeling.forward import run_task  # noqa: E402
 from benchmark.modeling.models import DEFAULT_MODEL, contiguous_first_input, load_model  # noqa: E402

@@ -5,7 +5,8 @@ import platform
 
 import pytest
 
-from benchmark.cli import GLIBC_DEFAULTS_ENV, keep_freed_memory, main
+from benchmark.allocator import GLIBC_DEFAULTS_ENV, keep_freed_memory
+from benchmark.cli import main
 
 
 def _run(capsys, *argv):

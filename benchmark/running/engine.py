@@ -152,7 +152,8 @@ class RunSpec:
         if self.submission is not None:
             from benchmark.running import submissions
 
-            submissions.active(self.submission) or submissions.register(self.submission)
+            if submissions.active(self.submission) is None:  # registered in this process once
+                submissions.register(self.submission)
         return prepare_run(model, build_defense(self.defense, self.params), self.suite, self.attack, self.sae_dir,
                            self.limit)
 

@@ -64,9 +64,11 @@ class Worker:
     def __init__(self, model: str, threads: int) -> None:
         import torch
 
+        from benchmark.allocator import keep_freed_memory
         from benchmark.modeling.models import load_model
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at run time, as on the command line
+        keep_freed_memory()  # as the command does
         torch.set_num_threads(threads)
         self.model = load_model(model)
         self.prepared: OrderedDict[int, PreparedRun] = OrderedDict()
