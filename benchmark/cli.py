@@ -180,7 +180,8 @@ def _on_ray(specs: list, args) -> int:
     ``battery``) say; status 2 if any run failed."""
     from benchmark.running.ray_executor import RayOptions, run_on_ray
 
-    options = RayOptions(model=args.model, threads=args.threads or 1, workers=args.workers, address=args.ray_address)
+    options = RayOptions(model=args.model, threads=args.threads or 1, workers=args.workers, address=args.ray_address,
+                         device=args.device, dtype=args.dtype)
     command = "benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     return 2 if run_on_ray(specs, options, Path(args.records_dir), command, progress=not args.quiet) else 0
 
@@ -287,8 +288,8 @@ def _executor_options(parser: argparse.ArgumentParser) -> None:
                              "of a run, as work for Ray workers (each loads the model once), records written here "
                              "(needs the extra: pip install -e \".[ray]\")")
     parser.add_argument("--workers", type=_positive, default=None,
-                        help="Ray workers, each one run or chunk at a time with --threads CPU threads (default: the "
-                             "cluster's CPUs / --threads)")
+                        help="Ray workers, each one run or chunk at a time with --threads CPU threads and, with "
+                             "--device cuda, a GPU of its own (default: the cluster's GPUs, or its CPUs / --threads)")
     parser.add_argument("--ray-address", default=None,
                         help="an existing Ray cluster to use (default: RAY_ADDRESS if set, else a local instance "
                              "started for this command)")

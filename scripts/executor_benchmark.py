@@ -43,7 +43,7 @@ from benchmark.running.records import RECORDS_DIR, git_state  # noqa: E402
 HEADER = "## Executors: the battery on Ray workers against one process"
 CONFIGS = {"serial, 1 thread": ["--threads", "1"], "serial, 2 threads": ["--threads", "2"],
            "ray, 2 workers x 1 thread": ["--executor", "ray", "--workers", "2", "--threads", "1"]}
-RAY_READY = " Ray workers, "  # the executor's line once its workers have loaded the model
+RAY_READY = " Ray workers on "  # the executor's line once its workers have loaded the model
 
 
 def timed_battery(model: str, limit: int | None, options: list[str], records: Path) -> dict:

@@ -112,7 +112,7 @@ def test_ray_battery_equals_the_serial_battery(plan, serial, local_ray, tmp_path
     for label, message in FAILING.items():
         assert any(line.startswith(f"error: {label}: ") and message in line for line in errors), errors
     finished = [line for line in out.splitlines() if line.startswith("== ") and " s -> " in line]
-    assert len(finished) == 5 and "2 Ray workers, 1 thread(s) each; 7 runs" in out
+    assert len(finished) == 5 and "2 Ray workers on cpu, 1 thread(s) each; 7 runs" in out
 
 
 def _kill_a_worker_in_a_chunk(killed: list[int], stop: threading.Event) -> None:
@@ -160,3 +160,10 @@ def test_executor_ray_without_ray_names_the_install(monkeypatch, capsys):
 def test_shard_is_refused_with_ray(capsys):
     code = main(["evaluate", "--model", "tiny", "--defense", "sae_clamp", "--executor", "ray", "--shard", "0/2"])
     assert code == 2 and "drop --shard" in capsys.readouterr().err
+
+
+def test_a_gpu_is_asked_for_only_where_the_cluster_has_one(local_ray, capsys):
+    code = main(["evaluate", "--model", "tiny", "--defense", "sae_clamp", "--tasks", "ioi", "--executor", "ray",
+                 "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--device cuda with --executor ray" in err and "this one has 0" in err

@@ -1,6 +1,8 @@
 """Many runs, and the attack chunks of each, as work for Ray workers (``--executor ray``; the optional extra ``ray``).
 
-A worker is a Ray actor holding one loaded model, reused for every run and chunk it gets. The work of a run is its
+A worker is a Ray actor holding one loaded model, reused for every run and chunk it gets, on a GPU of its own or on
+CPU threads (:class:`RayOptions`); SAEs load per run, as serially (well under a second, and no run's defense can
+touch another's SAE). The work of a run is its
 preparation (fit the defense, score base and defended, measure side effects: :class:`~benchmark.running.engine.
 PreparedRun`), which returns the record's head, then one item per attack chunk, which returns that chunk's results.
 A chunk's results depend on the chunk alone (see :mod:`benchmark.running.shards`), so any worker can take it: one that
@@ -48,20 +50,24 @@ def import_ray():
 
 @dataclass(frozen=True)
 class RayOptions:
-    """``model``: the model every worker loads. ``threads``: torch CPU threads (and Ray CPUs) per worker.
-    ``workers``: how many (None: the cluster's CPUs / ``threads``). ``address``: an existing cluster (None:
-    ``RAY_ADDRESS`` if set, else a local instance for this command)."""
+    """``model``: the model every worker loads, on ``device`` (``cuda``: one GPU of its own per worker; ``cpu``; None:
+    ``cuda`` when the cluster has GPUs) with weights in ``dtype`` (see :func:`~benchmark.modeling.models.resolve_dtype`).
+    ``threads``: torch CPU threads (and Ray CPUs) per worker. ``workers``: how many (None: the cluster's GPUs, or on
+    CPUs its CPUs / ``threads``). ``address``: an existing cluster (None: ``RAY_ADDRESS`` if set, else a local
+    instance for this command)."""
 
     model: str
     threads: int = 1
     workers: int | None = None
     address: str | None = None
+    device: str | None = None
+    dtype: str | None = None
 
 
 class Worker:
     """One Ray actor: a loaded model and the runs it prepared lately (:data:`KEEP_PREPARED`)."""
 
-    def __init__(self, model: str, threads: int) -> None:
+    def __init__(self, model: str, threads: int, device: str, dtype: str | None) -> None:
         import torch
 
         from benchmark.allocator import keep_freed_memory
@@ -70,7 +76,7 @@ class Worker:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub at run time, as on the command line
         keep_freed_memory()  # as the command does
         torch.set_num_threads(threads)
-        self.model = load_model(model)
+        self.model = load_model(model, device=device, dtype=dtype)  # cuda: the GPU Ray gave this worker
         self.prepared: OrderedDict[int, PreparedRun] = OrderedDict()
 
     def identity(self) -> dict:
@@ -81,15 +87,18 @@ class Worker:
         """Prepare run ``key`` and measure its side effects: its head, its number of chunks and where it ran."""
         from benchmark.running.records import machine
 
-        run = self._prepared(key, spec)
-        run.measure()
-        return {"head": run.head, "chunks": run.n_chunks, "machine": machine()}
+        with self.model.on_device():
+            run = self._prepared(key, spec)
+            run.measure()
+        return {"head": run.head, "chunks": run.n_chunks, "machine": machine(self.model)}
 
     def chunk(self, key: int, spec: RunSpec, index: int) -> dict:
         """The results of chunk ``index`` of run ``key``, and where they were computed."""
         from benchmark.running.records import machine
 
-        return {"results": self._prepared(key, spec).chunk(index, progress=False), "machine": machine()}
+        with self.model.on_device():
+            results = self._prepared(key, spec).chunk(index, progress=False)
+        return {"results": results, "machine": machine(self.model)}
 
     def _prepared(self, key: int, spec: RunSpec) -> PreparedRun:
         if key not in self.prepared:
@@ -111,6 +120,7 @@ class _Run:
     partial: PartialRun | None = None
     devices: set[str] = field(default_factory=set)
     threads: set[int] = field(default_factory=set)
+    dtype: str = "float32"
     failed: bool = False
 
 
@@ -197,6 +207,7 @@ class _Driver:
             return
         run.devices.add(value["machine"]["device"])
         run.threads.add(value["machine"]["cpu_threads"])
+        run.dtype = value["machine"]["dtype"]
         if item.chunk is None:
             self._prepared(run, value)
         else:
@@ -220,11 +231,9 @@ class _Driver:
             self._finish(run)
 
     def _stamp(self, run: _Run, seconds: float, run_id: str) -> dict:
-        """The run's provenance: this command and code, the workers' devices and threads."""
-        out = provenance(seconds, self.command, self.git, run_id)
-        out["device"] = ", ".join(sorted(run.devices))
-        out["cpu_threads"] = max(run.threads)
-        return out
+        """The run's provenance: this command and code, the workers' devices, dtype and threads."""
+        return {**provenance(seconds, self.command, self.git, run_id), "device": ", ".join(sorted(run.devices)),
+                "dtype": run.dtype, "cpu_threads": max(run.threads)}
 
     def _finish(self, run: _Run) -> None:
         record = run.partial.record()
@@ -269,12 +278,20 @@ def run_on_ray(specs: list[RunSpec], options: RayOptions, records_root: Path, co
         cpus = options.workers * options.threads if local and options.workers else None
         ray.init(address=options.address, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
-        workers = options.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.threads)
-        remote = ray.remote(num_cpus=options.threads, max_restarts=0)(Worker)
-        new_worker = lambda: remote.remote(options.model, options.threads)  # noqa: E731
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        device = options.device or ("cuda" if gpus else "cpu")
+        if device not in ("cpu", "cuda") or device == "cuda" and not gpus:
+            raise BenchmarkError(f"--device {device} with --executor ray: use cpu, or cuda on a Ray cluster with GPUs "
+                                 f"(each worker gets one of its own; this one has {gpus})")
+        gpu = device == "cuda"
+        workers = options.workers or (gpus if gpu else max(1, int(resources.get("CPU", 1)) // options.threads))
+        remote = ray.remote(num_cpus=options.threads, num_gpus=1 if gpu else 0, max_restarts=0)(Worker)
+        new_worker = lambda: remote.remote(options.model, options.threads, device, options.dtype)  # noqa: E731
         actors = [new_worker() for _ in range(workers)]
         _check_workers(ray, actors, model_name(options.model))
-        print(f"{len(actors)} Ray workers, {options.threads} thread(s) each; {len(specs)} runs", flush=True)
+        print(f"{len(actors)} Ray workers on {device}, {options.threads} thread(s) each; {len(specs)} runs",
+              flush=True)
         return _Driver(ray, new_worker, actors, specs, model_name(options.model), records_root, command,
                        progress).run()
     finally:
