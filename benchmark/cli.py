@@ -9,9 +9,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmark.allocator import keep_freed_memory
 from benchmark.errors import BenchmarkError
+
+if TYPE_CHECKING:  # the commands import what they use when they run, so `--help` stays fast
+    from benchmark.running.engine import RunSpec
+    from benchmark.running.shards import Shard
 
 
 def _parse_value(text: str):
@@ -53,7 +58,7 @@ def _positive(text: str) -> int:
 REFERENCE = "reference"
 
 
-def _plan(args) -> list | int:
+def _plan(args: argparse.Namespace) -> list[RunSpec] | int:
     """The runs (:class:`~benchmark.running.engine.RunSpec`) of ``benchmark evaluate`` arguments, every name and
     parameter checked before a model loads; or, for a submission with the serial executor, the exit status of its
     evaluation in a child process (which comes back here with the submission registered)."""
@@ -107,7 +112,7 @@ def _plan(args) -> list | int:
             for defense, task in runs for cfg in cfgs]
 
 
-def _to_run(specs: list, model: str, records_dir: str, keep_existing: bool) -> list:
+def _to_run(specs: list[RunSpec], model: str, records_dir: str, keep_existing: bool) -> list[RunSpec]:
     """``specs`` less repeats, and less those whose record exists if ``keep_existing`` (a line each)."""
     from benchmark.modeling.models import model_name
     from benchmark.running.records import load_record
@@ -142,7 +147,7 @@ def cmd_evaluate(args) -> int | None:
     return _serially(specs, args, Shard.parse(args.shard))
 
 
-def _serially(specs: list, args, shard) -> int:
+def _serially(specs: list[RunSpec], args: argparse.Namespace, shard: Shard) -> int:
     """Run ``specs`` one after another in this process; a run that fails with a :class:`BenchmarkError` is reported
     and the others go on (status 2 if any failed)."""
     import torch
@@ -175,7 +180,7 @@ def _serially(specs: list, args, shard) -> int:
     return 2 if failed else 0
 
 
-def _on_ray(specs: list, args) -> int:
+def _on_ray(specs: list[RunSpec], args: argparse.Namespace) -> int:
     """Run ``specs`` on Ray workers (:mod:`benchmark.running.ray_executor`) as ``args`` (of ``evaluate`` or
     ``battery``) say; status 2 if any run failed."""
     from benchmark.running.ray_executor import RayOptions, run_on_ray

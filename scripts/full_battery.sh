@@ -5,9 +5,10 @@
 # record and names its commit.
 #
 # Runs whose record exists already are kept, so the battery can be filled in over several sessions; delete a record
-# to run it again. Arguments go to `benchmark battery` (--threads N, --quiet, --list).
-# For a cluster, give each (defense, suite) its own `benchmark evaluate` job, or split one run with --shard i/n and
-# `benchmark merge`.
+# to run it again. Arguments go to `benchmark battery` (--threads N, --quiet, --list, --executor ray).
+# On several GPUs or a cluster: --executor ray (README: "Run on several GPUs or a cluster"; it needs
+# `bash scripts/setup.sh ray`); by hand, give each (defense, suite) its own `benchmark evaluate` job, or split one
+# run with --shard i/n and `benchmark merge`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
