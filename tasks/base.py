@@ -146,6 +146,11 @@ def greedy_loop(next_logits: Callable[[PromptBatch], Tensor], batch: PromptBatch
     return out
 
 
+def tokenizer_name(tokenizer) -> str:
+    """The model a tokenizer belongs to, for messages: its hub id or folder (``name_or_path``)."""
+    return f"'{tokenizer.name_or_path}'" if getattr(tokenizer, "name_or_path", "") else "this model"
+
+
 def file_hash(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from benchmark.errors import BenchmarkError
-from benchmark.modeling.models import LoadedModel
+from benchmark.modeling.models import LoadedModel, SaeSource
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_SAE_ROOT = REPO_ROOT / "saes"
@@ -60,16 +60,15 @@ def load_sae(model: LoadedModel, layer: int, sae_dir: Path | None = None) -> Loa
         loaded = LoadedSAE(sae, layer, str(release), path.name, path)
     else:
         source = model.spec.sae_source
-        hub_layer = layer + 1 if source.hook == "resid_pre" else layer
+        sae_id = hub_sae_id(source, layer)
         try:
-            sae = SAE.from_pretrained(source.release, source.sae_id(hub_layer), device=str(model.device),
-                                      dtype="float32")
+            sae = SAE.from_pretrained(source.release, sae_id, device=str(model.device), dtype="float32")
         except Exception as err:  # noqa: BLE001 - hub errors vary by library version; re-raise as one line
             raise BenchmarkError(
-                f"cannot load SAE {source.release}/{source.sae_id(hub_layer)} ({err.__class__.__name__}): "
+                f"cannot load SAE {source.release}/{sae_id} ({err.__class__.__name__}): "
                 "hub SAEs need network access or a local copy; pass --sae-dir for local SAEs"
             ) from err
-        loaded = LoadedSAE(sae, layer, source.release, source.sae_id(hub_layer))
+        loaded = LoadedSAE(sae, layer, source.release, sae_id)
     if sae.cfg.d_in != model.d_model:
         raise BenchmarkError(
             f"SAE {loaded.release}/{loaded.sae_id} has d_in={sae.cfg.d_in} but {model.name} has "
@@ -81,6 +80,15 @@ def load_sae(model: LoadedModel, layer: int, sae_dir: Path | None = None) -> Loa
             sae.fold_W_dec_norm()  # exact reparametrization; makes clamp values comparable across latents
     sae.requires_grad_(False)
     return loaded
+
+
+def hub_sae_id(source: SaeSource, layer: int) -> str:
+    """The id, in ``source``'s sae_lens release, of the SAE reading the output of block ``layer`` (a ``resid_pre`` SAE
+    of block ``layer + 1`` reads just that)."""
+    if source.layers and layer not in source.layers:
+        raise BenchmarkError(f"{source.release} has no SAE reading the output of block {layer}: it covers blocks "
+                             f"{', '.join(map(str, source.layers))}; choose one of those (-D layer=...)")
+    return source.sae_id(layer + 1 if source.hook == "resid_pre" else layer)
 
 
 def _missing(path: Path, layer: int) -> BenchmarkError:

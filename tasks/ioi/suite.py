@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from benchmark.errors import BenchmarkError
-from tasks.base import TASKS, PromptBatch, TaskSuite, encode_prompts
+from tasks.base import TASKS, PromptBatch, TaskSuite, encode_prompts, tokenizer_name
 
 DATA = Path(__file__).parent / "data" / "ioi.json"
 
@@ -32,7 +32,11 @@ class IOISuite(TaskSuite):
             if self._single_token(ex["io"]) is not None and self._single_token(ex["s"]) is not None
         ]
         if not kept:
-            raise BenchmarkError("no IOI example has single-token names for this tokenizer")
+            raise BenchmarkError(
+                f"suite ioi cannot run on {tokenizer_name(self.tokenizer)}: no IOI {split} example has both names as "
+                "single tokens of its tokenizer (b = logit(IO) - logit(S) reads one token per name). Run the other "
+                "suites on this model, or rebuild the IOI data with names that are one token for it "
+                "(NAMES in tasks/ioi/build_data.py)")
         return kept
 
     def encode(self, examples: list[dict]) -> PromptBatch:

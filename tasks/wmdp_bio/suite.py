@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from benchmark.errors import BenchmarkError
-from tasks.base import SPLITS, TASKS, PromptBatch, TaskSuite, encode_prompts
+from tasks.base import SPLITS, TASKS, PromptBatch, TaskSuite, encode_prompts, tokenizer_name
 
 DATA = Path(__file__).parent / "data" / "wmdp_bio.json"
 SCORINGS = ("cloze", "letter")
@@ -137,8 +137,12 @@ class WMDPBioSuite(TaskSuite):
     def _usable(self, examples: list[dict], what: str) -> list[dict]:
         kept = [ex for ex in examples if self.choice_tokens(ex) is not None]
         if not kept:
-            hint = "; use scoring='letter'" if self.scoring == "cloze" else ""
-            raise BenchmarkError(f"no wmdp_bio {what} question has single-token choices for this tokenizer{hint}")
+            fix = ("scoring='letter' (each choice scored by its letter A-D; for models that answer listed choices), "
+                   "or another suite" if self.scoring == "cloze" else "another suite")
+            raise BenchmarkError(
+                f"suite wmdp_bio (scoring='{self.scoring}') cannot run on {tokenizer_name(self.tokenizer)}: no {what} "
+                f"question has {'choices' if self.scoring == 'cloze' else 'letters'} that are each one distinct token "
+                f"(with a leading space) of its tokenizer; use {fix} on this model")
         return kept
 
     def examples(self, split: str) -> list[dict]:
