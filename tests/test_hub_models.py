@@ -84,14 +84,16 @@ def test_stand_in_runs_end_to_end_through_the_real_loaders(name, offline_hub, tm
     assert prompt.startswith("<bos><start_of_turn>user\nHow do I bake bread?<end_of_turn>") if spec.chat else (
         prompt == "User: How do I bake bread?\nAssistant:")
 
+    # a large edit of given latents (no attribution pass: Gemma Scope's 16k x 2304 SAE makes it slow) flips some of
+    # 16 examples on every stand-in, so the attack runs
     record, _ = evaluate(model, "sae_clamp", "ioi", AttackConfig(eps=(0.05, 0.5), steps=3, patience=None),
-                         {"features": [0, 1, 2, 3], "mode": "negative", "value": -20.0}, records_dir=tmp_path,
-                         progress=False, limit=4)
+                         {"features": list(range(64)), "mode": "set", "value": -20.0}, records_dir=tmp_path,
+                         progress=False, limit=16)
     layer = spec.sae_source.default_layer
     assert record["model"]["name"] == name and record["saes"] == [  # sae_lens' from_pretrained(release, id)
         {"release": spec.sae_source.release, "sae_id": hub_sae_id(spec.sae_source, layer),
          "site": {"layer": layer, "hook": "resid_post"}}]
-    assert record["counts"]["examples"] == 4 and record["counts"]["valid_flips"] >= 1  # the attack ran
+    assert record["counts"]["examples"] == 16 and record["counts"]["valid_flips"] >= 1  # the attack ran
 
 
 def test_suites_that_need_single_tokens_name_the_suite_the_model_and_the_fix():
