@@ -105,3 +105,23 @@ def test_suites_that_need_single_tokens_name_the_suite_the_model_and_the_fix():
         TASKS.get("ioi")(tok).examples("test")
     with pytest.raises(BenchmarkError, match="suite wmdp_bio .*'org/small-vocab'.*scoring='letter'"):
         TASKS.get("wmdp_bio")(tok).examples("test")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA device")])])
+def test_the_command_runs_gpt2_with_its_sae_release_in_bfloat16(device, offline_hub, tmp_path):
+    """``benchmark evaluate --model gpt2 --device <device> --dtype bfloat16 --defense sae_clamp``, on the stand-ins of
+    GPT-2 small and gpt2-small-res-jb."""
+    import json
+
+    from benchmark.cli import main
+
+    populate(offline_hub, "gpt2")
+    code = main(["evaluate", "--model", "gpt2", "--device", device, "--dtype", "bfloat16", "--defense", "sae_clamp",
+                 "--tasks", "ioi", "--limit", "16", "-D", f"features={list(range(64))}", "-D", "mode=set",
+                 "-D", "value=-20", "--eps", "0.05,0.5", "--steps", "3", "--records-dir", str(tmp_path), "--quiet"])
+    assert code == 0
+    (path,) = tmp_path.rglob("ioi__encoder.limit-16.json")
+    record = json.loads(path.read_text())
+    assert record["model"]["dtype"] == "bfloat16" and record["provenance"]["device"].startswith(device)
+    assert record["saes"][0]["release"] == "gpt2-small-res-jb" and record["counts"]["valid_flips"] >= 1
