@@ -12,5 +12,5 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this check needs a GPU")'
-"$PYTHON" -m pytest -m gpu -p no:cacheprovider -q tests/test_device.py
+"$PYTHON" -m pytest -m gpu -p no:cacheprovider -q tests/test_device.py tests/test_hub_models.py
 "$PYTHON" scripts/perf_benchmark.py --gpu-only

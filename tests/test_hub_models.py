@@ -65,6 +65,8 @@ def offline_hub(hub_cache, monkeypatch):
 
 @pytest.mark.parametrize("name", HUB)
 def test_stand_in_runs_end_to_end_through_the_real_loaders(name, offline_hub, tmp_path):
+    import transformers
+
     from benchmark.attacks import AttackConfig
     from benchmark.modeling.models import load_model
     from benchmark.running.engine import evaluate
@@ -75,8 +77,9 @@ def test_stand_in_runs_end_to_end_through_the_real_loaders(name, offline_hub, tm
     populate(offline_hub, name)
     model = load_model(name)  # transformers' from_pretrained(hub id), from the cache
     assert (model.architecture, model.n_layers, model.d_model) == (spec.architecture, shape.n_layers, shape.d_model)
-    assert type(model.tokenizer).__name__ == TOKENIZERS[shape.tokenizer].cls.replace(
-        "PreTrainedTokenizerFast", "TokenizersBackend")  # transformers 5's name of the plain fast tokenizer
+    kind = TOKENIZERS[shape.tokenizer]
+    assert isinstance(model.tokenizer, getattr(transformers, kind.cls))
+    assert (model.tokenizer("When")["input_ids"][0] == model.tokenizer.bos_token_id) == kind.adds_bos
     # the suites on this tokenizer: single-token answers found, the chat template used where the model has one
     for suite in ("ioi", "wmdp_bio"):
         assert all(TASKS.get(suite)(model.tokenizer).examples(split) for split in ("fit", "dev", "test"))

@@ -73,14 +73,15 @@ LLAMA3_SPLIT = (  # Llama 3's pre-tokenizer pattern
 @dataclass(frozen=True)
 class TokenizerKind:
     """A model family's tokenizer: its transformers class (by name), its special tokens (bos, eos, unk/pad and the
-    chat template's markers, in vocabulary order) and whether it is byte-level BPE (else Gemma's ▁-BPE with byte
-    fallback)."""
+    chat template's markers, in vocabulary order), whether it is byte-level BPE (else Gemma's ▁-BPE with byte
+    fallback) and whether it puts the BOS before a text (Gemma's and Llama 3's do, GPT-2's and Pythia's do not)."""
 
     cls: str
     bos: str
     eos: str
     specials: tuple[str, ...]
     byte_level: bool = True
+    adds_bos: bool = False
 
 
 TOKENIZERS = {
@@ -88,10 +89,11 @@ TOKENIZERS = {
     "gpt_neox": TokenizerKind("GPTNeoXTokenizer", "<|endoftext|>", "<|endoftext|>", ("<|endoftext|>", "<|padding|>")),
     "llama3": TokenizerKind("PreTrainedTokenizerFast", "<|begin_of_text|>", "<|end_of_text|>",
                             ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                             "<|eot_id|>")),
+                             "<|eot_id|>"), adds_bos=True),
     "gemma": TokenizerKind("GemmaTokenizer", "<bos>", "<eos>",
                            ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
-                            "<start_of_image>", "<end_of_image>", "<image_soft_token>"), byte_level=False),
+                            "<start_of_image>", "<end_of_image>", "<image_soft_token>"), byte_level=False,
+                           adds_bos=True),
 }
 
 
@@ -134,13 +136,6 @@ def _config(architecture: str, vocab: int, n_layers: int, d_model: int, kind: To
     gemma_text = dict(vocab_size=vocab, hidden_size=d_model, intermediate_size=64, num_hidden_layers=n_layers,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=ids.get("<pad>"),
                       **special)
-    if architecture == "gemma3":  # text and vision; the vision tower is as small as SigLIP allows
-        return tf.Gemma3Config(text_config=dict(gemma_text, query_pre_attn_scalar=16),
-                               vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                  num_attention_heads=2, image_size=28, patch_size=14),
-                               mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"],
-                               eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"],
-                               **special)
     table = {
         "gpt2": lambda: tf.GPT2Config(vocab_size=vocab, n_positions=512, n_embd=d_model, n_layer=n_layers, n_head=4,
                                       **special),
@@ -153,6 +148,13 @@ def _config(architecture: str, vocab: int, n_layers: int, d_model: int, kind: To
                                         **special),
         "gemma2": lambda: tf.Gemma2Config(**gemma_text),
         "gemma3_text": lambda: tf.Gemma3TextConfig(**gemma_text, query_pre_attn_scalar=16),
+        # text and vision (4B and up); the vision tower as small as SigLIP allows
+        "gemma3": lambda: tf.Gemma3Config(
+            text_config=dict(gemma_text, query_pre_attn_scalar=16), mm_tokens_per_image=4,
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14),
+            boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+            image_token_index=ids["<image_soft_token>"], **special),
     }
     return table[architecture]()
 
@@ -203,7 +205,7 @@ def build_tokenizer(kind: TokenizerKind, chat_template: str | None, vocab_size: 
 
     vocab, merges = _bpe(kind.byte_level, kind.specials, vocab_size)
     named = dict(bos_token=kind.bos, eos_token=kind.eos)
-    if kind.cls == "PreTrainedTokenizerFast":  # Llama 3: a tokenizer.json of its own, no tokenizer class of its own
+    if kind.cls == "PreTrainedTokenizerFast":  # Llama 3: a pipeline of its own in tokenizer.json, no class of its own
         backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
@@ -213,7 +215,7 @@ def build_tokenizer(kind: TokenizerKind, chat_template: str | None, vocab_size: 
             single=f"{kind.bos} $A", pair=f"{kind.bos} $A {kind.bos} $B", special_tokens=[(kind.bos, vocab[kind.bos])])
         tok = tf.PreTrainedTokenizerFast(tokenizer_object=backend, **named)
     else:
-        tok = getattr(tf, kind.cls)(vocab=vocab, merges=merges, **named)
+        tok = getattr(tf, kind.cls)(vocab=vocab, merges=merges, add_bos_token=kind.adds_bos, **named)
     tok.add_special_tokens({"additional_special_tokens": [s for s in kind.specials if s not in (kind.bos, kind.eos)]})
     if chat_template:
         tok.chat_template = chat_template
@@ -333,7 +335,8 @@ def build_sae_repo(cache: Path, spec: ModelSpec, shape: Shape, layers: tuple[int
 
 def populate(cache: Path, name: str, layers: tuple[int, ...] | None = None) -> Path:
     """Stand-ins of hub model ``name`` and its SAEs at ``layers`` (default: its default layer) in the Hugging Face
-    cache folder ``cache``; returns ``cache``. A repository already there is kept (the model's), or added to."""
+    cache folder ``cache``; returns ``cache``. A model repository already there is kept, and so is an SAE already
+    there (two models may share a release)."""
     spec, shape = MODELS[name], SHAPES[name]
     if not (Path(cache) / ("models--" + spec.hf_id.replace("/", "--"))).is_dir():
         build_model_repo(Path(cache), spec, shape)
