@@ -31,8 +31,8 @@ def test_every_claimed_layer_is_in_sae_lens_catalogue(name):
 
     source = MODELS[name].sae_source
     release = get_pretrained_saes_directory()[source.release]
-    assert source.default_layer in source.layers
-    missing = [hub_sae_id(source, layer) for layer in source.layers if hub_sae_id(source, layer) not in release.saes_map]
+    assert source.default_layer in source.covered
+    missing = [hub_sae_id(source, L) for L in source.covered if hub_sae_id(source, L) not in release.saes_map]
     assert not missing, f"{source.release} has no {missing}"
     assert release.model.split("/")[-1] == CATALOGUE_MODEL.get(name, MODELS[name].hf_id.split("/")[-1])
 

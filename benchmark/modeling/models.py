@@ -46,7 +46,7 @@ SITE_MAPS: dict[str, SiteMap] = {
     "llama": SiteMap("model.layers"),
     "gemma2": SiteMap("model.layers"),
     "gemma3_text": SiteMap("model.layers"),  # Gemma 3 270M and 1B (Gemma3ForCausalLM)
-    "gemma3": SiteMap("model.language_model.layers"),  # Gemma 3 4B-27B: text and vision (Gemma3ForConditionalGeneration)
+    "gemma3": SiteMap("model.language_model.layers"),  # Gemma 3 4B-27B (Gemma3ForConditionalGeneration)
     "gpt2": SiteMap("transformer.h"),
     "gpt_neox": SiteMap("gpt_neox.layers"),
 }
@@ -64,9 +64,9 @@ class SaeSource:
     sae_id: Callable[[int], str]
     hook: str = "resid_post"
     default_layer: int = 12
-    #: the blocks whose output has an SAE in the release (a hub release's layers are checked against sae_lens's
-    #: catalogue by the tests); empty for a local folder, which is looked at when it is read
-    layers: tuple[int, ...] = ()
+    #: the blocks whose output has an SAE in the hub release (checked against sae_lens's catalogue by the tests);
+    #: empty for a local folder, which is looked at when it is read
+    covered: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,15 +123,16 @@ def _hub_model(hf_id: str, architecture: str, source: SaeSource, chat: bool = Fa
 # (its catalogue ships with the package; tests/test_hub_models.py checks every layer claimed here against it).
 # Default layers: near half depth, at a block the release covers (GPT-2 small's 8 and Gemma-2-2B's 12, as before).
 _hub_model("openai-community/gpt2", "gpt2", SaeSource(  # resid_pre of block L+1 is the output of block L
-    "gpt2-small-res-jb", lambda L: f"blocks.{L}.hook_resid_pre", "resid_pre", 8, tuple(range(11))), name="gpt2")
+    "gpt2-small-res-jb", lambda L: f"blocks.{L}.hook_resid_pre", "resid_pre", 8, covered=tuple(range(11))),
+    name="gpt2")
 _GEMMA_SCOPE = SaeSource("gemma-scope-2b-pt-res-canonical", lambda L: f"layer_{L}/width_16k/canonical", "resid_post",
-                         12, tuple(range(26)))
+                         12, covered=tuple(range(26)))
 _hub_model("google/gemma-2-2b", "gemma2", _GEMMA_SCOPE)
 _hub_model("google/gemma-2-2b-it", "gemma2", _GEMMA_SCOPE, chat=True)  # Gemma Scope's SAEs of the base model
 _hub_model("meta-llama/Llama-3.1-8B", "llama", SaeSource(
-    "llama_scope_lxr_8x", lambda L: f"l{L}r_8x", "resid_post", 16, tuple(range(32))))
+    "llama_scope_lxr_8x", lambda L: f"l{L}r_8x", "resid_post", 16, covered=tuple(range(32))))
 _hub_model("EleutherAI/pythia-70m-deduped", "gpt_neox", SaeSource(
-    "pythia-70m-deduped-res-sm", lambda L: f"blocks.{L}.hook_resid_post", "resid_post", 3, tuple(range(6))))
+    "pythia-70m-deduped-res-sm", lambda L: f"blocks.{L}.hook_resid_post", "resid_post", 3, covered=tuple(range(6))))
 #: Gemma 3 sizes and the blocks Gemma Scope 2's residual SAEs read (four per size; the default is the second, at half
 #: depth)
 GEMMA3_SCOPE_LAYERS = {"270m": (5, 9, 12, 15), "1b": (7, 13, 17, 22), "4b": (9, 17, 22, 29), "12b": (12, 24, 31, 41),
@@ -143,7 +144,7 @@ def _register_gemma_3() -> None:
     for size, layers in GEMMA3_SCOPE_LAYERS.items():
         for variant in ("pt", "it"):
             source = SaeSource(f"gemma-scope-2-{size}-{variant}-res", lambda L: f"layer_{L}_width_16k_l0_medium",
-                               "resid_post", layers[1], layers)
+                               "resid_post", layers[1], covered=layers)
             # the 270M base model's hub id has no -pt; 270M and 1B are text-only, 4B and up also read images
             hf_id = f"google/gemma-3-{size}" + ("" if (size, variant) == ("270m", "pt") else f"-{variant}")
             _hub_model(hf_id, "gemma3_text" if size in ("270m", "1b") else "gemma3", source, chat=variant == "it")

@@ -85,9 +85,10 @@ def load_sae(model: LoadedModel, layer: int, sae_dir: Path | None = None) -> Loa
 def hub_sae_id(source: SaeSource, layer: int) -> str:
     """The id, in ``source``'s sae_lens release, of the SAE reading the output of block ``layer`` (a ``resid_pre`` SAE
     of block ``layer + 1`` reads just that)."""
-    if source.layers and layer not in source.layers:
+    if source.covered and layer not in source.covered:
         raise BenchmarkError(f"{source.release} has no SAE reading the output of block {layer}: it covers blocks "
-                             f"{', '.join(map(str, source.layers))}; choose one of those (-D layer=...)")
+                             f"{', '.join(map(str, source.covered))}; choose among those (the defense's layer or "
+                             "layers, -D layer=...)")
     return source.sae_id(layer + 1 if source.hook == "resid_pre" else layer)
 
 
