@@ -128,3 +128,19 @@ def test_the_command_runs_gpt2_with_its_sae_release_in_bfloat16(device, offline_
     record = json.loads(path.read_text())
     assert record["model"]["dtype"] == "bfloat16" and record["provenance"]["device"].startswith(device)
     assert record["saes"][0]["release"] == "gpt2-small-res-jb" and record["counts"]["valid_flips"] >= 1
+
+
+def test_a_multi_site_defense_runs_at_every_block_gemma_scope_2_covers(offline_hub, tmp_path):
+    """multi_layer_clamp at Gemma Scope 2's four blocks of Gemma 3 270M (each SAE from its own folder of the release),
+    attacked under the cross-site Jacobian constraint."""
+    from benchmark.attacks import AttackConfig
+    from benchmark.running.engine import evaluate
+
+    name = "google/gemma-3-270m-it"
+    covered = MODELS[name].sae_source.covered
+    populate(offline_hub, name, layers=covered)
+    record, _ = evaluate(name, "multi_layer_clamp", "ioi", AttackConfig(mode="jacobian", eps=(0.05, 0.5), steps=3),
+                         {"layers": list(covered), "features": [list(range(16))] * 4, "mode": "set", "value": -20.0},
+                         records_dir=tmp_path, progress=False, limit=16)
+    assert [s["sae_id"] for s in record["saes"]] == [f"layer_{L}_width_16k_l0_medium" for L in covered]
+    assert record["counts"]["valid_flips"] >= 1
