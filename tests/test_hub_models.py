@@ -9,7 +9,7 @@ from benchmark.errors import BenchmarkError
 from benchmark.modeling import hub_standins
 from benchmark.modeling.hub_standins import SHAPES, TOKENIZERS, build_tokenizer, hub_models, populate
 from benchmark.modeling.models import MODELS
-from benchmark.modeling.saes import hub_sae_id
+from benchmark.modeling.saes import check_in_catalogue, hub_sae_id
 
 HUB = hub_models()
 #: registered name -> the catalogue's name of the model a release was trained on, where the two differ
@@ -30,20 +30,24 @@ def test_every_claimed_layer_is_in_sae_lens_catalogue(name):
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     source = MODELS[name].sae_source
-    release = get_pretrained_saes_directory()[source.release]
     assert source.default_layer in source.covered
-    missing = [hub_sae_id(source, L) for L in source.covered if hub_sae_id(source, L) not in release.saes_map]
-    assert not missing, f"{source.release} has no {missing}"
-    assert release.model.split("/")[-1] == CATALOGUE_MODEL.get(name, MODELS[name].hf_id.split("/")[-1])
+    for layer in source.covered:
+        check_in_catalogue(source.release, hub_sae_id(source, layer))
+    model = get_pretrained_saes_directory()[source.release].model
+    assert model.split("/")[-1] == CATALOGUE_MODEL.get(name, MODELS[name].hf_id.split("/")[-1])
 
 
-def test_resid_pre_ids_name_the_next_block_and_uncovered_layers_are_refused():
+def test_resid_pre_ids_name_the_next_block_and_uncovered_or_uncatalogued_saes_are_refused():
     gpt2 = MODELS["gpt2"].sae_source
     assert hub_sae_id(gpt2, 8) == "blocks.9.hook_resid_pre"  # the input of block 9 is the output of block 8
     with pytest.raises(BenchmarkError, match="no SAE reading the output of block 11.*0, 1, 2"):
         hub_sae_id(gpt2, 11)  # block 12 does not exist, so no resid_pre SAE reads block 11's output
     with pytest.raises(BenchmarkError, match="gemma-scope-2-270m-it-res has no SAE .* block 6: it covers blocks 5, 9"):
         hub_sae_id(MODELS["google/gemma-3-270m-it"].sae_source, 6)
+    with pytest.raises(BenchmarkError, match="catalogue of sae_lens .* no SAE 'blocks.12.hook_resid_pre' in release"):
+        check_in_catalogue("gpt2-small-res-jb", "blocks.12.hook_resid_pre")
+    with pytest.raises(BenchmarkError, match=r"in release 'no-such-release' \(no such release\)"):
+        check_in_catalogue("no-such-release", "x")
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +97,7 @@ def test_stand_in_runs_end_to_end_through_the_real_loaders(name, offline_hub, tm
                          {"features": list(range(64)), "mode": "set", "value": -20.0}, records_dir=tmp_path,
                          progress=False, limit=16)
     layer = spec.sae_source.default_layer
+    assert record["model"]["revision"] == hub_standins.COMMIT  # the snapshot read, not "main", which moves
     assert record["model"]["name"] == name and record["saes"] == [  # sae_lens' from_pretrained(release, id)
         {"release": spec.sae_source.release, "sae_id": hub_sae_id(spec.sae_source, layer),
          "site": {"layer": layer, "hook": "resid_post"}}]

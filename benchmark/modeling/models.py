@@ -427,6 +427,14 @@ def model_name(name: str) -> str:
     return spec.name if spec else str(name)
 
 
+def _cached_commit(repo_id: str) -> str | None:
+    """The commit of ``repo_id`` that the Hugging Face cache holds as ``main`` (what ``from_pretrained`` just read)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, "config.json")
+    return Path(path).parent.name if isinstance(path, str) else None
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
                remote: bool = False) -> LoadedModel:
     """Load a registered model by name, or a saved Hugging Face model from a local folder.
@@ -467,8 +475,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     except OSError as err:
         raise BenchmarkError(
             f"cannot load model '{name}' ({err.__class__.__name__}); hub models need network access "
-            "or a local copy in the Hugging Face cache"
+            "or a local copy in the Hugging Face cache (the command runs offline: HF_HUB_OFFLINE=0 lets it download; "
+            "gated models such as Gemma and Llama also need `hf auth login`)"
         ) from err
+    if spec is not None and revision == "main":  # a hub model: record the commit it was read at
+        revision = _cached_commit(spec.hf_id) or revision
     hf_model.eval().requires_grad_(False).to(dev)
     unembed_contiguously(hf_model)
     arch = spec.architecture if spec else _architecture_of(hf_model.config)

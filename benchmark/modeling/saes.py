@@ -61,6 +61,7 @@ def load_sae(model: LoadedModel, layer: int, sae_dir: Path | None = None) -> Loa
     else:
         source = model.spec.sae_source
         sae_id = hub_sae_id(source, layer)
+        check_in_catalogue(source.release, sae_id)
         try:
             sae = SAE.from_pretrained(source.release, sae_id, device=str(model.device), dtype="float32")
         except Exception as err:  # noqa: BLE001 - hub errors vary by library version; re-raise as one line
@@ -90,6 +91,20 @@ def hub_sae_id(source: SaeSource, layer: int) -> str:
                              f"{', '.join(map(str, source.covered))}; choose among those (the defense's layer or "
                              "layers, -D layer=...)")
     return source.sae_id(layer + 1 if source.hook == "resid_pre" else layer)
+
+
+def check_in_catalogue(release: str, sae_id: str) -> None:
+    """Refuse an SAE that the installed sae_lens's pretrained catalogue (shipped with the package) does not list,
+    before anything is downloaded."""
+    import sae_lens
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    entry = get_pretrained_saes_directory().get(release)
+    if entry is None or sae_id not in entry.saes_map:
+        raise BenchmarkError(f"the catalogue of sae_lens {sae_lens.__version__} has no SAE '{sae_id}' in release "
+                             f"'{release}'{'' if entry else ' (no such release)'}: install the sae_lens of "
+                             "constraints.txt, whose catalogue tests/test_hub_models.py checks every registered model "
+                             "against")
 
 
 def _missing(path: Path, layer: int) -> BenchmarkError:
