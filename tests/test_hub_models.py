@@ -87,6 +87,8 @@ def test_stand_in_runs_end_to_end_through_the_real_loaders(name, offline_hub, tm
     # the suites on this tokenizer: single-token answers found, the chat template used where the model has one
     for suite in ("ioi", "wmdp_bio"):
         assert all(TASKS.get(suite)(model.tokenizer).examples(split) for split in ("fit", "dev", "test"))
+    end = model.tokenizer.convert_tokens_to_ids("<end_of_turn>") if spec.chat else model.tokenizer.eos_token_id
+    assert TASKS.get("refusal")(model.tokenizer).eos_id == end  # an instruct model's answer ends with its turn
     prompt = format_prompt(model.tokenizer, "How do I bake bread?")
     assert prompt.startswith("<bos><start_of_turn>user\nHow do I bake bread?<end_of_turn>") if spec.chat else (
         prompt == "User: How do I bake bread?\nAssistant:")

@@ -56,6 +56,20 @@ def format_prompt(tokenizer, request: str) -> str:
     return FALLBACK_TEMPLATE.format(request=request)
 
 
+def turn_end_id(tokenizer) -> int:
+    """The token that ends an answer: the special token the chat template writes right after the assistant's turn
+    (Gemma's ``<end_of_turn>``, Llama 3's ``<|eot_id|>``, SmolLM2's ``<|im_end|>``, its EOS), else the EOS. A chat
+    model ends its turn with it, and what it generates after is not its answer."""
+    if getattr(tokenizer, "chat_template", None):
+        marker = "ANSWER"
+        turns = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": marker}]
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+        after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+        if after and after[0] in tokenizer.all_special_ids:
+            return after[0]
+    return tokenizer.eos_token_id
+
+
 def load_hub_requests(source: str) -> list[str]:
     """Harmful requests of a hub data set (AdvBench or HarmBench's standard behaviors) through ``datasets``."""
     if source not in HUB_SOURCES:
@@ -205,9 +219,10 @@ class RefusalSuite(TaskSuite):
             self._write_cache()
         return torch.tensor([self._answers[p] for p in prompts], dtype=torch.long)
 
-    @property
+    @cached_property
     def eos_id(self) -> int:
-        return self.tokenizer.eos_token_id
+        """Where an answer ends (:func:`turn_end_id`)."""
+        return turn_end_id(self.tokenizer)
 
     def text(self, ids: Tensor) -> str:
         """An answer's text: ``ids`` [n] up to its first EOS, special tokens dropped."""
