@@ -107,9 +107,10 @@ def test_stand_in_runs_end_to_end_through_the_real_loaders(name, offline_hub, tm
 
 
 def test_suites_that_need_single_tokens_name_the_suite_the_model_and_the_fix():
+    from tasks import TASKS
+
     tok = build_tokenizer(TOKENIZERS["gpt2"], None, vocab_size=300)  # too small: names and choices split
     tok.name_or_path = "org/small-vocab"
-    from tasks import TASKS
 
     with pytest.raises(BenchmarkError, match="suite ioi cannot run on 'org/small-vocab'.*build_data.py"):
         TASKS.get("ioi")(tok).examples("test")
