@@ -51,7 +51,8 @@ def test_a_failing_run_is_reported_and_the_others_go_on(capsys, tmp_path):
                  "--steps", "2", "--quiet", "--records-dir", str(tmp_path)])
     out, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("error: sae_clamp on wmdp_bio, attack encoder: ") and "single-token choices" in err
+    assert err.startswith("error: sae_clamp on wmdp_bio, attack encoder: suite wmdp_bio (scoring='cloze') cannot "
+                          "run on ")
     assert (tmp_path / "tiny" / "sae_clamp" / "ioi__encoder.limit-8.json").is_file()
 
 
