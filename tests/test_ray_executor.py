@@ -44,7 +44,7 @@ MANIFEST = {"name": "flaky_fit", "version": "0.0.1", "authors": ["A. Tester"], "
             "license": "MIT", "description": "a clamp that raises in its fit on TPP", "suites": ["ioi", "tpp"],
             "models": ["tiny"]}
 CHUNKS = ("--batch-size", "16")
-FAILING = {"sae_clamp on wmdp_bio, attack encoder": "single-token choices",
+FAILING = {"sae_clamp on wmdp_bio, attack encoder": "suite wmdp_bio (scoring='cloze') cannot run on",
            "flaky_fit on tpp, attack encoder": "RuntimeError: broken on purpose"}
 
 
