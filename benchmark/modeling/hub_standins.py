@@ -119,7 +119,7 @@ SHAPES: dict[str, Shape] = {
     "EleutherAI/pythia-70m-deduped": Shape(6, "gpt_neox"),
     **{name: Shape(GEMMA3_LAYERS[re.search(r"gemma-3-(\d+[mb])", name).group(1)], "gemma",
                    GEMMA3_CHAT if spec.chat else None)
-       for name, spec in MODELS.items() if spec.architecture in ("gemma3_text", "gemma3")},
+       for name, spec in MODELS.items() if spec.architecture in ("gemma3_text", "gemma3") and spec.hf_id},
 }
 
 
