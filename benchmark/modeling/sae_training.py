@@ -1,10 +1,11 @@
-"""Train the reference SAEs of the default model offline, evaluate them, and write them in sae_lens format.
+"""Train a local model's reference SAEs offline, evaluate them, and write them in sae_lens format.
 
-Rebuild the shipped SAEs with ``benchmark train-saes`` (defaults below are the ones used for the committed
-weights). Text comes from the labelled sets of the ``sae-probes`` package (news, reviews, medical abstracts,
-science questions, code ...), a share of it wrapped in the model's chat template as user prompts and
-question-answer turns. Position 0 (the attention sink, residual norm ~24,000 against ~150) is never used for
-training or statistics.
+Rebuild the shipped SAEs with ``benchmark train-saes --model NAME`` (the defaults below are the ones used for the
+default model's committed weights; each model's REPORT.md under ``saes/`` gives its exact command). Text comes from
+the labelled sets of the ``sae-probes`` package (news, reviews, medical abstracts, science questions, code ...), a
+share of it wrapped in the model's chat template as user prompts and question-answer turns (none for a model
+without a chat template, such as a base model). Position 0 (the attention sink, residual norm ~24,000 against ~150
+on the default model) is never used for training or statistics.
 
 Architecture: BatchTopK during training, saved as JumpReLU for inference (sae_lens converts it), so each
 latent has its own threshold and a clamp acts on one latent without the others' ranking. Decoder rows are
@@ -23,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from benchmark.modeling.data_sources import sae_probes_texts
-from benchmark.modeling.models import LoadedModel, load_model
+from benchmark.modeling.models import DEFAULT_MODEL, LoadedModel, load_model
 
 #: sae-probes sets mixed into the training text (diverse domains; no set shared with a held-out test split).
 CORPUS_SETS = (
@@ -36,7 +37,7 @@ CORPUS_SETS = (
 
 @dataclass
 class TrainConfig:
-    layers: tuple[int, ...] = (8, 12, 16)
+    layers: tuple[int, ...] = (8, 12, 16)  # the default model's; ``train-saes --model`` takes the model's own
     d_sae: int = 4608
     k: int = 64
     train_tokens: int = 400_000
@@ -53,6 +54,7 @@ class TrainConfig:
 def build_corpus(tokenizer, cfg: TrainConfig) -> list[list[int]]:
     """Token id lists: plain texts and chat-formatted turns, shuffled with the config's seed."""
     rng = random.Random(cfg.seed)
+    chat_share = cfg.chat_share if getattr(tokenizer, "chat_template", None) else 0.0
     texts: list[tuple[str, str]] = []  # (kind, text)
     for name in CORPUS_SETS:
         for text in sae_probes_texts(name):
@@ -62,7 +64,7 @@ def build_corpus(tokenizer, cfg: TrainConfig) -> list[list[int]]:
     budget = cfg.train_tokens + cfg.heldout_tokens
     total = 0
     for name, text in texts:
-        if rng.random() < cfg.chat_share:
+        if rng.random() < chat_share:
             if "\nA:" in text:  # question-answer sets become a two-turn chat
                 q, a = text.split("\nA:", 1)
                 msgs = [{"role": "user", "content": q.removeprefix("Q:").strip()},
@@ -88,7 +90,9 @@ def build_corpus(tokenizer, cfg: TrainConfig) -> list[list[int]]:
 def collect_residuals(
     model: LoadedModel, seqs: list[list[int]], layers: tuple[int, ...], batch_tokens: int = 4096
 ) -> dict[int, torch.Tensor]:
-    """Residual stream after each layer for every token but position 0: ``{layer: [n_tokens, d_model]}`` (fp16).
+    """Residual stream after each layer for every token but position 0: ``{layer: [n_tokens, d_model]}``, in float16
+    where every value fits it (the default model), else in float32 (Gemma 3's residual has entries near 90,000, past
+    float16's 65,504).
 
     Sequences are batched by length (right padding, which a causal model ignores for earlier tokens) and the
     forward stops after the deepest requested layer.
@@ -118,8 +122,17 @@ def collect_residuals(
         keep = mask.bool().clone()
         keep[:, 0] = False
         for L, h in zip(layers, saved):
-            out[L].append(h[keep].to(torch.float16))
-    return {L: torch.cat(v) for L, v in out.items()}
+            out[L].append(h[keep])
+    return {L: _compact(torch.cat(v)) for L, v in out.items()}
+
+
+#: the largest magnitude stored in float16 (its own maximum is 65,504; a margin keeps rounding from reaching inf)
+FLOAT16_LIMIT = 60_000.0
+
+
+def _compact(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float16 where all of it fits, else unchanged (float32)."""
+    return x.to(torch.float16) if x.abs().max() < FLOAT16_LIMIT else x
 
 
 def _shuffled_batches(acts: torch.Tensor, batch_size: int, seed: int):
@@ -183,11 +196,13 @@ def evaluate_sae(sae, model: LoadedModel, layer: int, heldout_acts: torch.Tensor
     }
 
 
-def _next_token_losses(model: LoadedModel, layer: int, sae, seqs, batch: int = 16) -> tuple[float, float, float]:
+def _next_token_losses(model: LoadedModel, layer: int, sae, seqs) -> tuple[float, float, float]:
     """Mean next-token loss: clean, with resid_post of ``layer`` replaced by the SAE reconstruction, and zeroed.
 
-    Position 0 is left untouched in both edits; loss is averaged over the same predicted tokens.
+    Position 0 is left untouched in both edits; loss is averaged over the same predicted tokens. Batches hold 16
+    sequences at a 49k vocabulary, fewer at a larger one (Gemma 3's 262k logits are 1 MB per token).
     """
+    batch = max(1, 16 * 49152 // model.hf.config.vocab_size)
     sums = torch.zeros(3)
     count = 0
     for i in range(0, len(seqs), batch):
@@ -215,8 +230,9 @@ def _next_token_losses(model: LoadedModel, layer: int, sae, seqs, batch: int = 1
     return clean, spliced, zeroed
 
 
-def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = "smollm2-135m-instruct") -> dict:
-    """Collect activations once for all layers, train one SAE per layer, save fp16 weights and a report."""
+def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = DEFAULT_MODEL) -> dict:
+    """Collect activations once for all layers, train one SAE per layer, save its weights (float16 where they fit)
+    and a report."""
     started = time.time()
     model = load_model(model_name)
     seqs = build_corpus(model.tokenizer, cfg)
@@ -228,6 +244,7 @@ def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = "smo
     collect_s = time.time() - started
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"config": asdict(cfg), "model": model.name, "model_revision": model.revision,
+              "chat_template": bool(getattr(model.tokenizer, "chat_template", None)),
               "collect_seconds": round(collect_s, 1), "saes": {}}
     for layer in cfg.layers:
         t0 = time.time()
@@ -245,8 +262,10 @@ def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = "smo
             train_seconds=round(time.time() - t0, 1),
         )
         target = out_dir / f"layer_{layer}"
-        sae.to(dtype=torch.float16)
-        sae.cfg.dtype = "float16"
+        dtype = _compact(torch.cat([p.detach().flatten() for p in sae.parameters()])).dtype
+        sae.to(dtype=dtype)
+        sae.cfg.dtype = str(dtype).removeprefix("torch.")
+        stats["dtype"] = sae.cfg.dtype
         sae.save_model(target)
         report["saes"][f"layer_{layer}"] = stats
         print(f"layer {layer}: {json.dumps(stats)}", flush=True)
@@ -255,6 +274,17 @@ def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = "smo
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report_markdown(out_dir)
     return report
+
+
+def _rebuild_options(model: str, cfg: dict) -> str:
+    """The ``train-saes`` options that rebuild SAEs trained with ``cfg`` (the model and held-out size where they are
+    not the defaults)."""
+    options = "" if model == DEFAULT_MODEL else f"--model {model} "
+    options += "--layers " + " ".join(map(str, cfg["layers"]))
+    options += f" --width {cfg['d_sae']} --k {cfg['k']} --tokens {cfg['train_tokens']} --steps {cfg['steps']} "
+    if cfg["heldout_tokens"] != TrainConfig.heldout_tokens:
+        options += f"--heldout-tokens {cfg['heldout_tokens']} "
+    return options + f"--seed {cfg['seed']}"
 
 
 def write_report_markdown(out_dir: Path) -> Path:
@@ -282,12 +312,10 @@ def write_report_markdown(out_dir: Path) -> Path:
         f"{report['collect_seconds']} s; total {report.get('total_seconds', 'n/a')} s on 2 CPU cores (times include "
         "whatever else shared the cores during the run).",
         "",
-        "Rebuild (weights are written in float16):",
+        "Rebuild (weights are written in float16 where every value fits it, else float32):",
         "",
         "```",
-        "HF_HUB_OFFLINE=1 .venv/bin/benchmark train-saes --layers " + " ".join(map(str, cfg["layers"]))
-        + f" --width {cfg['d_sae']} --k {cfg['k']} --tokens {cfg['train_tokens']} --steps {cfg['steps']} "
-          f"--seed {cfg['seed']}",
+        "HF_HUB_OFFLINE=1 .venv/bin/benchmark train-saes " + _rebuild_options(report["model"], cfg),
         "```",
         "",
     ])
