@@ -54,6 +54,12 @@ class FitContext:
             return self.model.spec.sae_source.default_layer
         return self.model.n_layers // 2
 
+    def reference_layers(self) -> list[int]:
+        """The layers a multi-site defense uses when none are given: those of the model's reference SAEs (8, 12, 16 on
+        the default model; 6, 9, 12 on Gemma 3 270M), or the default layer alone."""
+        spec = self.model.spec
+        return list(spec.sae_source.layers) if spec is not None and spec.sae_source.layers else [self.default_layer()]
+
     def check_site(self, layer: int) -> None:
         """Refuse a site out of the model's range, or above the layer a residual-reading suite reads (an edit there
         cannot change the behavior, and the forward pass stops before it)."""
@@ -63,6 +69,14 @@ class FitContext:
             raise BenchmarkError(
                 f"layer {layer} lies above the residual suite '{self.task.name}' reads (after block {read}): an "
                 f"edit there cannot change its behavior; choose layers up to {read} (e.g. -D layers=[8,{read}])")
+
+
+def check_layers(name: str, layers: list[int], features: list[list[int]] | None) -> None:
+    """Refuse a multi-site defense's ``layers`` that repeat or are empty, or ``features`` without one list per layer."""
+    if not layers or len(set(layers)) != len(layers):
+        raise BenchmarkError(f"{name} needs distinct layers, got {layers}")
+    if features is not None and len(features) != len(layers):
+        raise BenchmarkError(f"{name} needs one feature list per layer: {len(layers)} layers, {len(features)} lists")
 
 
 class Defense(ABC):

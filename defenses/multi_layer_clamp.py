@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from benchmark.errors import BenchmarkError
-from defenses.base import DEFENSES, FitContext
+from defenses.base import DEFENSES, FitContext, check_layers
 from defenses.sae_clamp import DEFAULT_K, DEFAULT_VALUE, SAEClamp
 
 
@@ -15,7 +14,7 @@ class MultiLayerClamp(SAEClamp):
     rebuild the behavior downstream of the defended site. Clamping the same concept at several depths forces
     a recovery to get past each of them. At each layer the latents are the top-``k`` by act x grad attribution
     on the fit split (or ``features[i]`` for ``layers[i]``), and the clamp is exactly ``sae_clamp``'s (same
-    ``mode`` and ``value``, error term kept). The defaults are the layers of the default model's reference SAEs.
+    ``mode`` and ``value``, error term kept). Without ``layers``: the layers of the model's reference SAEs.
     """
 
     version = "1.0"
@@ -23,23 +22,22 @@ class MultiLayerClamp(SAEClamp):
 
     def __init__(
         self,
-        layers: list[int] = [8, 12, 16],  # noqa: B006 - recorded verbatim; never mutated
+        layers: list[int] | None = None,
         k: int = DEFAULT_K,
         mode: str = "negative",
         value: float = DEFAULT_VALUE,
         features: list[list[int]] | None = None,
     ) -> None:
         super().__init__(layer=None, k=k, mode=mode, value=value, features=None)  # checks k, mode, value
-        if not layers or len(set(layers)) != len(layers):
-            raise BenchmarkError(f"{self.name} needs distinct layers, got {layers}")
-        if features is not None and len(features) != len(layers):
-            raise BenchmarkError(
-                f"{self.name} needs one feature list per layer: {len(layers)} layers, {len(features)} lists"
-            )
-        self.layers = list(layers)
+        if layers is not None:
+            check_layers(self.name, layers, features)
+        self.layers = list(layers) if layers is not None else None
         self.layer_features = features
 
     def fit(self, ctx: FitContext) -> None:
+        if self.layers is None:
+            self.layers = ctx.reference_layers()
+            check_layers(self.name, self.layers, self.layer_features)
         for layer in self.layers:
             ctx.model.check_layer(layer)
         per_layer = self.layer_features or [None] * len(self.layers)

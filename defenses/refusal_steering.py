@@ -14,7 +14,7 @@ from benchmark.modeling import sae_math
 from benchmark.errors import BenchmarkError
 from benchmark.modeling.forward import Edit, run_edited
 from benchmark.modeling.saes import LoadedSAE
-from defenses.base import DEFENSES, FitContext, SAEFeatureDefense
+from defenses.base import DEFENSES, FitContext, check_layers, SAEFeatureDefense
 from tasks.base import PromptBatch
 
 PROBE_STEPS = 300  # full-batch Adam steps of the harm probe
@@ -92,7 +92,7 @@ class RefusalSteering(SAEFeatureDefense):
 
     def __init__(
         self,
-        layers: list[int] = [12],  # noqa: B006 - recorded verbatim; never mutated
+        layers: list[int] | None = None,
         k: int = 32,
         strength: float = 0.33,
         steps: int = 12,
@@ -104,15 +104,13 @@ class RefusalSteering(SAEFeatureDefense):
         features: list[list[int]] | None = None,
     ) -> None:
         super().__init__()
-        if not layers or len(set(layers)) != len(layers):
-            raise BenchmarkError(f"{self.name} needs distinct layers, got {layers}")
+        if layers is not None:
+            check_layers(self.name, layers, features)
         if k < 1 or strength <= 0 or steps < 0 or answer_tokens < 1 or gate_l1 < 0 or gate_temperature <= 0:
             raise BenchmarkError(f"{self.name} needs k >= 1, strength > 0, steps >= 0, answer_tokens >= 1, "
                                  "gate_l1 >= 0 and gate_temperature > 0")
-        if features is not None and len(features) != len(layers):
-            raise BenchmarkError(f"{self.name} needs one feature list per layer: {len(layers)} layers, "
-                                 f"{len(features)} lists")
-        self.layers, self.k, self.strength, self.steps = list(layers), k, float(strength), steps
+        self.layers = list(layers) if layers is not None else None
+        self.k, self.strength, self.steps = k, float(strength), steps
         self.answer_tokens, self.features = answer_tokens, features
         self.use_gate, self.gate_l1 = gate, float(gate_l1)
         self.gate_threshold, self.gate_temperature = float(gate_threshold), float(gate_temperature)
@@ -126,6 +124,9 @@ class RefusalSteering(SAEFeatureDefense):
         if contrast is None:
             raise BenchmarkError(f"{self.name} fits on refusal contrast data, which suite '{ctx.task.name}' has no "
                                  "contrast() for: use it with the refusal suite")
+        if self.layers is None:
+            self.layers = [ctx.default_layer()]
+            check_layers(self.name, self.layers, self.features)
         data = contrast()
         refusal = truncate_answers(data.refusal, self.answer_tokens)
         for i, layer in enumerate(self.layers):

@@ -97,9 +97,17 @@ class PromptBatch:
         return out[torch.argsort(torch.tensor(order))]
 
 
+def adds_bos(tokenizer, prompts: list[str]) -> bool:
+    """Whether ``prompts`` are tokenized with the tokenizer's own special tokens: yes (Gemma 3 needs its BOS; SmolLM2's
+    tokenizer and the stand-ins' add none), unless every prompt already starts with the BOS (a chat template that
+    writes it, as Gemma 2's does)."""
+    bos = tokenizer.bos_token
+    return not (bos and all(p.startswith(bos) for p in prompts))
+
+
 def encode_prompts(tokenizer, ids: list[str], prompts: list[str], targets: dict[str, Tensor],
                    read_len: int = 1) -> PromptBatch:
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=adds_bos(tokenizer, prompts))
     if tokenizer.padding_side != "left":
         raise ValueError("prompts must be left-padded so the final position is the last real token")
     return PromptBatch(ids, enc["input_ids"], enc["attention_mask"], targets, read_len)

@@ -70,7 +70,8 @@ def test_multi_layer_clamp_fits_k_features_per_layer_and_checks_params(tiny_mode
         DEFENSES.get("multi_layer_clamp").create(layers=[1, 2], features=[[1]])
     with pytest.raises(BenchmarkError, match="multi_layer_clamp mode 'nope'"):
         DEFENSES.get("multi_layer_clamp").create(mode="nope")
-    assert DEFENSES.get("multi_layer_clamp").create().params["layers"] == [8, 12, 16]
+    assert DEFENSES.get("multi_layer_clamp").create().params["layers"] is None  # the model's reference layers
+    assert _fit(tiny_model, tiny_dir, ioi, "multi_layer_clamp", k=4, value=-4.0).sites == [2]  # a folder: its middle
     with pytest.raises(BenchmarkError, match="layer 7 is out of range"):
         _fit(tiny_model, tiny_dir, ioi, "multi_layer_clamp", layers=[1, 7], k=4, value=-4.0)
 

@@ -1,5 +1,6 @@
-"""Tiny offline stand-ins: a random 4-layer Llama, a word-level tokenizer over the IOI data's words, and random
-JumpReLU SAEs at every layer. Nothing is downloaded and nothing is trained.
+"""Tiny offline stand-ins: a random 4-layer Llama (or Gemma 3, the second offline model's architecture), a word-level
+tokenizer over the IOI data's words, and random JumpReLU SAEs at every layer. Nothing is downloaded and nothing is
+trained.
 
 The tests build them once per session; ``benchmark validate`` builds them in a temporary folder to run a
 submitted defense end to end in a few seconds; ``--model tiny`` (:func:`cached_tiny`) builds them once into the
@@ -37,23 +38,40 @@ def _vocab(extra_texts: tuple[str, ...] = ()) -> list[str]:
     return ["[PAD]", "[UNK]", "[EOS]"] + sorted(words)
 
 
-def build_tiny_model(folder: Path, extra_texts: tuple[str, ...] = ()) -> None:
-    """The tiny Llama and its word-level tokenizer over the IOI data, plus the words of ``extra_texts`` (a suite's
-    own tests pass its texts so its prompts have no unknown words)."""
+#: the stand-ins' architectures (the ``model_type`` of their configs, as the site maps name them)
+ARCHITECTURES = ("llama", "gemma3_text")
+
+
+def _random_model(architecture: str, vocab_size: int):
+    """A random causal LM of ``architecture`` with the stand-ins' sizes."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    shared = dict(vocab_size=vocab_size, hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=N_LAYERS,
+                  num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
+                  eos_token_id=2, bos_token_id=2)
+    if architecture == "llama":
+        return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **shared))
+    if architecture == "gemma3_text":  # Gemma 3 270M's shape in small: one KV head, a sliding window, local + global
+        return Gemma3ForCausalLM(Gemma3TextConfig(num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                                                  sliding_window=8, layer_types=["sliding_attention"] * (N_LAYERS - 1)
+                                                  + ["full_attention"], **shared))
+    raise ValueError(f"no tiny stand-in of architecture '{architecture}' (have: {', '.join(ARCHITECTURES)})")
+
+
+def build_tiny_model(folder: Path, extra_texts: tuple[str, ...] = (), architecture: str = "llama") -> None:
+    """The tiny model of ``architecture`` and its word-level tokenizer over the IOI data, plus the words of
+    ``extra_texts`` (a suite's own tests pass its texts so its prompts have no unknown words)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = _vocab(tuple(extra_texts))
     tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tok.pre_tokenizer = Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=N_LAYERS,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=2)
-    model = LlamaForCausalLM(cfg)
+    model = _random_model(architecture, len(vocab))
     with torch.no_grad():  # larger embeddings so the random model has non-trivial logit differences
         model.model.embed_tokens.weight.mul_(50)
     model.save_pretrained(folder)
@@ -76,10 +94,11 @@ def build_tiny_saes(folder: Path, d_in: int = D_MODEL, layers=range(N_LAYERS), s
         sae.save_model(folder / f"layer_{layer}")
 
 
-def build_tiny(root: Path, extra_texts: tuple[str, ...] = ()) -> Path:
-    """``root/model`` (the tiny Llama and its tokenizer) and ``root/saes/layer_<L>/``; returns ``root``."""
+def build_tiny(root: Path, extra_texts: tuple[str, ...] = (), architecture: str = "llama") -> Path:
+    """``root/model`` (the tiny model of ``architecture`` and its tokenizer) and ``root/saes/layer_<L>/``; returns
+    ``root``."""
     root = Path(root)
-    build_tiny_model(root / "model", extra_texts)
+    build_tiny_model(root / "model", extra_texts, architecture)
     build_tiny_saes(root / "saes")
     return root
 

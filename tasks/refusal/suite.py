@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from benchmark.errors import BenchmarkError
-from tasks.base import SPLITS, TASKS, Forward, PromptBatch, TaskSuite, encode_prompts, greedy
+from tasks.base import SPLITS, TASKS, Forward, PromptBatch, TaskSuite, adds_bos, encode_prompts, greedy
 from tasks.refusal import judge as judging
 
 DATA = Path(__file__).parent / "data" / "requests.json"
@@ -340,7 +340,8 @@ class RefusalSuite(TaskSuite):
 
     def _with_answers(self, ids: list[str], prompts: list[str], answers: list[list[int]]) -> PromptBatch:
         """Left-padded prompt + answer rows; target ``answer_len`` [b] counts each row's answer tokens."""
-        rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"] + a for p, a in zip(prompts, answers)]
+        special = adds_bos(self.tokenizer, prompts)
+        rows = [self.tokenizer(p, add_special_tokens=special)["input_ids"] + a for p, a in zip(prompts, answers)]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
