@@ -12,7 +12,7 @@ from benchmark.errors import BenchmarkError
 from benchmark.reporting.leaderboard import (LEADERBOARD_DIR, README, README_END, README_START, SUITES, load_records,
                                    render_files, splice_readme, write_leaderboard)
 from benchmark.running.metrics import MIN_FLIPS, SIDE_EFFECT_CAP
-from benchmark.reporting.ranking import OVER_CAP, standings
+from benchmark.reporting.ranking import OVER_CAP, RANKED_SUITES, standings
 from benchmark.running.records import shard_path
 from conftest import committed_record_as as _record
 
@@ -103,6 +103,32 @@ def test_tables_rank_on_constrained_attacks_and_dash_missing_suites(synthetic):
     assert spliced.startswith("# Project\n\n" + README_START) and spliced.endswith(README_END + "\n\nMore text.\n")
     assert "old table" not in spliced and "(records/smollm2-135m-instruct/beta/ioi__encoder.json)" in spliced
     assert render_files(load_records(root), out, readme) == files, "the same records give the same bytes"
+
+
+def test_cross_model_table_sets_each_models_cell_side_by_side(synthetic):
+    """A second model's records add a cross-model table (default model first, `–` where a model has no record) and the
+    second model's own ranking; refusal_harmbench is shown but stays out of the mean (refusal is not counted twice)."""
+    root, out, readme = synthetic
+    for defense, suite, budget in (("beta", "ioi", 0.05), ("alpha", "refusal_harmbench", None)):
+        r = _record(defense, suite, "encoder", budget)
+        r["model"]["name"] = "gemma-3-270m"
+        path = root / "gemma-3-270m" / defense / f"{suite}__encoder.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    text = render_files(load_records(root), out, readme)[out / "README.md"]
+    cross = text.split("## Across models")[1].split("\n## ")[0]
+    header = next(line for line in cross.splitlines() if line.startswith("| defense"))
+    assert [c.strip() for c in header.split("|")[1:-1]] == ["defense", "suite", "smollm2-135m-instruct", "gemma-3-270m"]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in cross.splitlines()
+            if line.startswith("| ") and not line.startswith("| defense")}
+    assert "(../records/smollm2-135m-instruct/beta/ioi__encoder.json)" in rows[("beta", "ioi")]
+    assert "(../records/gemma-3-270m/beta/ioi__encoder.json)" in rows[("beta", "ioi")]
+    assert rows[("gamma", "ioi")].rstrip(" |").endswith("–"), "gamma has no record on the second model"
+    gemma = text.split("## gemma-3-270m")[1].split("\n## ")[0]
+    alpha = next(line for line in gemma.split("### Ranking")[1].splitlines() if line.startswith("| ") and "alpha" in line)
+    assert "0 of 4" in alpha and "refusal_harmbench" not in RANKED_SUITES, "harmbench alone counts no suite"
+    assert "#across-models" in render_files(load_records(root), out, readme)[readme]
+    assert "## Across models" not in render_files(load_records(root / "smollm2-135m-instruct"), out, readme)[out / "README.md"]
 
 
 def test_write_leaderboard_writes_every_file(synthetic):

@@ -71,6 +71,8 @@ class Step:
 PLAN: tuple[Step, ...] = (
     # each suite's reference defense (the default battery), then its other attack modes
     Step("reference", SUITES, ("encoder", *BASELINES)),
+    # the refusal suite on HarmBench's behaviors (outside data beside the project's own requests)
+    Step("reference", ("refusal_harmbench",), ("encoder",)),
     # constrained attacks first, so the main table fills before the comparison modes
     *(Step(d, SUITES, ("encoder",)) for d in GENERIC),
     Step("multi_layer_clamp", ("wmdp_bio", "ioi", "refusal"), ("jacobian",)),
