@@ -128,6 +128,8 @@ def test_cross_model_table_sets_each_models_cell_side_by_side(synthetic):
     alpha = next(line for line in gemma.split("### Ranking")[1].splitlines() if line.startswith("| ") and "alpha" in line)
     assert "0 of 4" in alpha and "refusal_harmbench" not in RANKED_SUITES, "harmbench alone counts no suite"
     assert "#across-models" in render_files(load_records(root), out, readme)[readme]
+    base = text.split("## Refusal suites: the base model's own answers")[1].split("\n## ")[0]
+    assert "| gemma-3-270m " in base and "refusal_harmbench" in base, "a refusal suite's base answers, per model"
     assert "## Across models" not in render_files(load_records(root / "smollm2-135m-instruct"), out, readme)[out / "README.md"]
 
 

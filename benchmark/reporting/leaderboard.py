@@ -29,6 +29,7 @@ from benchmark.running.metrics import HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CA
 from benchmark.modeling.models import DEFAULT_MODEL
 from benchmark.reporting.paper import PAPER_HEADERS, PAPER_NOTE, paper_rows
 from benchmark.reporting.plots import figures
+from benchmark.reporting.refusal_base import BASE_HEADERS, BASE_LEGEND, base_rows
 from benchmark.reporting.ranking import (COUNTED, OVER_CAP, RANKED_SUITES, SUITES, Cell, Entry, Score, Standing,
                                         across_models, cells, standings, threat_model)
 from benchmark.files import write_text_atomic
@@ -185,6 +186,10 @@ def cross_model_rows(models: list[tuple[str, list[Standing]]], base: Path) -> li
 COVERAGE_HEADERS = ["defense", *SUITES]
 
 
+def _entries(models: list[tuple[str, list[Standing]]]) -> list[Entry]:
+    return [e for _, standing in models for s in standing for e in s.entries]
+
+
 def coverage(standing: list[Standing]) -> tuple[str, list[list[str]]]:
     """The default model's battery coverage: a sentence, and per planned defense (plan order) a cell per suite
     with the planned attack modes that have a record and those that do not (:mod:`benchmark.running.battery`)."""
@@ -227,6 +232,10 @@ def render_markdown(models: list[tuple[str, list[Standing]]], base: Path) -> str
     if len(models) > 1:
         lines += ["## Across models", "", CROSS_LEGEND, "",
                   _md_table(cross_model_headers(models), cross_model_rows(models, base)), ""]
+    refusal = base_rows(_entries(models), lambda p: _href(p, base))
+    if refusal:
+        lines += ["## Refusal suites: the base model's own answers", "", BASE_LEGEND, "",
+                  _md_table(BASE_HEADERS, refusal), ""]
     for model, standing in models:
         lines += [f"## {model}" + (" (default model)" if model == DEFAULT_MODEL else ""), "", "### Ranking", "",
                   MAIN_LEGEND, "", _md_table(MAIN_HEADERS, main_rows(standing, base)), ""]
@@ -338,6 +347,10 @@ def render_html(models: list[tuple[str, list[Standing]]], base: Path) -> str:
     if len(models) > 1:
         parts += ['<h2 id="across-models">Across models</h2>', f"<p>{_inline_md(CROSS_LEGEND)}</p>",
                   _html_table(cross_model_headers(models), cross_model_rows(models, base))]
+    refusal = base_rows(_entries(models), lambda p: _href(p, base))
+    if refusal:
+        parts += ["<h2 id=\"refusal-base\">Refusal suites: the base model's own answers</h2>",
+                  f"<p>{_inline_md(BASE_LEGEND)}</p>", _html_table(BASE_HEADERS, refusal)]
     for model, standing in models:
         parts += [f"<h2>{escape(model)}{' (default model)' if model == DEFAULT_MODEL else ''}</h2>", "<h3>Ranking</h3>",
                   f"<p>{_inline_md(MAIN_LEGEND)}</p>", _html_table(MAIN_HEADERS, main_rows(standing, base)),
