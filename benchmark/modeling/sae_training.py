@@ -116,12 +116,12 @@ def collect_residuals(
             mask[r, : len(seqs[i])] = 1
         saved = []
         with model.lm.trace(dict(input_ids=ids, attention_mask=mask)) as tracer:
-            for L in layers:
+            for L in sorted(layers):  # nnsight reads values in forward order
                 saved.append(model.block(L).output.save())
             tracer.stop()  # nothing after the deepest requested layer is needed
         keep = mask.bool().clone()
         keep[:, 0] = False
-        for L, h in zip(layers, saved):
+        for L, h in zip(sorted(layers), saved):
             out[L].append(h[keep])
     return {L: _compact(torch.cat(v)) for L, v in out.items()}
 
