@@ -91,8 +91,8 @@ def collect_residuals(
     model: LoadedModel, seqs: list[list[int]], layers: tuple[int, ...], batch_tokens: int = 4096
 ) -> dict[int, torch.Tensor]:
     """Residual stream after each layer for every token but position 0: ``{layer: [n_tokens, d_model]}``, in float16
-    where every value fits it (the default model), else in float32 (Gemma 3's residual has entries near 90,000, past
-    float16's 65,504).
+    where every value fits it (the default model), else in float32 (Gemma 3's residual has entries past float16's
+    65,504).
 
     Sequences are batched by length (right padding, which a causal model ignores for earlier tokens) and the
     forward stops after the deepest requested layer.
