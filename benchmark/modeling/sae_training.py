@@ -230,9 +230,9 @@ def _next_token_losses(model: LoadedModel, layer: int, sae, seqs) -> tuple[float
     return clean, spliced, zeroed
 
 
-def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = DEFAULT_MODEL) -> dict:
+def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = DEFAULT_MODEL, note: str = "") -> dict:
     """Collect activations once for all layers, train one SAE per layer, save its weights (float16 where they fit)
-    and a report."""
+    and a report (with ``note``, why this budget, where given)."""
     started = time.time()
     model = load_model(model_name)
     seqs = build_corpus(model.tokenizer, cfg)
@@ -245,6 +245,7 @@ def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = DEFA
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"config": asdict(cfg), "model": model.name, "model_revision": model.revision,
               "chat_template": bool(getattr(model.tokenizer, "chat_template", None)),
+              "threads": torch.get_num_threads(), **({"note": note} if note else {}),
               "collect_seconds": round(collect_s, 1), "saes": {}}
     for layer in cfg.layers:
         t0 = time.time()
@@ -287,6 +288,12 @@ def _rebuild_options(model: str, cfg: dict) -> str:
     return options + f"--seed {cfg['seed']}"
 
 
+def _where(report: dict) -> str:
+    """The CPU the report's times were measured on (reports before the thread count was kept: 2 cores)."""
+    threads = report.get("threads")
+    return "2 CPU cores" if threads is None else f"{threads} CPU thread{'s' if threads > 1 else ''}"
+
+
 def write_report_markdown(out_dir: Path) -> Path:
     """Render ``report.json`` (written by training) as ``REPORT.md`` beside the weights."""
     from tabulate import tabulate
@@ -309,9 +316,10 @@ def write_report_markdown(out_dir: Path) -> Path:
         tabulate(rows, headers=headers, tablefmt="github"),
         "",
         f"Model revision: `{report['model_revision']}`. Config: `{json.dumps(cfg)}`. Activation collection "
-        f"{report['collect_seconds']} s; total {report.get('total_seconds', 'n/a')} s on 2 CPU cores (times include "
-        "whatever else shared the cores during the run).",
+        f"{report['collect_seconds']} s; total {report.get('total_seconds', 'n/a')} s on "
+        f"{_where(report)} (times include whatever else shared the cores during the run).",
         "",
+        *([report["note"], ""] if report.get("note") else []),
         "Rebuild (weights are written in float16 where every value fits it, else float32):",
         "",
         "```",
