@@ -45,6 +45,12 @@ def test_missing_sae_file(capsys, tiny_dir, tmp_path):
     assert code == 2 and "no SAE for layer 1" in err and "benchmark train-saes" in err
 
 
+def test_train_saes_trains_local_models_only(capsys):
+    code, err = _run(capsys, "train-saes", "--model", "gpt2")
+    assert code == 2 and err.count("\n") == 0
+    assert "smollm2-135m-instruct, gemma-3-270m" in err and "'gpt2' is not one of them" in err
+
+
 def test_unknown_attack_mode_and_bad_param(capsys):
     code, err = _run(capsys, "evaluate", "--defense", "sae_clamp", "--attack", "telepathy")
     assert code == 2 and "unknown attack 'telepathy'" in err
