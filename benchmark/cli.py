@@ -249,7 +249,7 @@ def cmd_train_saes(args) -> None:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(layers=tuple(args.layers or spec.sae_source.layers), d_sae=args.width, k=args.k,
                       train_tokens=args.tokens, heldout_tokens=args.heldout_tokens, steps=args.steps, seed=args.seed)
-    report = train_reference_saes(Path(args.out or REFERENCE_SAE_ROOT / spec.name), cfg, spec.name, args.note)
+    report = train_reference_saes(Path(args.out or REFERENCE_SAE_ROOT / spec.name), cfg, spec.name, args.note or "")
     print(json.dumps(report["saes"], indent=1))
 
 
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="seed of the data order and initialization")
     tr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     tr.add_argument("--out", help="folder to write layer_<L>/ SAEs to (default: saes/<model>)")
-    tr.add_argument("--note", default="", help="why this budget (or anything a reader of the report should know), "
+    tr.add_argument("--note", help="why this budget (or anything a reader of the report should know), "
                                               "printed in REPORT.md")
     tr.set_defaults(func=cmd_train_saes)
     return parser

@@ -170,8 +170,10 @@ def test_a_first_run_in_seconds_on_the_tiny_model(capsys, tmp_path, monkeypatch)
     assert bad.value.code == 2 and "--limit: expected a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
-def test_every_help_shows_the_defaults():
+def test_every_help_shows_the_defaults(monkeypatch):
     from benchmark.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps long lines at hyphens, as in a checkout at /work/wt-gemma
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
