@@ -248,7 +248,8 @@ def cmd_train_saes(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(layers=tuple(args.layers or spec.sae_source.layers), d_sae=args.width, k=args.k,
-                      train_tokens=args.tokens, heldout_tokens=args.heldout_tokens, steps=args.steps, seed=args.seed)
+                      train_tokens=args.tokens, heldout_tokens=args.heldout_tokens, steps=args.steps, seed=args.seed,
+                      center=args.center)
     report = train_reference_saes(Path(args.out or REFERENCE_SAE_ROOT / spec.name), cfg, spec.name, args.note or "")
     print(json.dumps(report["saes"], indent=1))
 
@@ -416,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=2500, help="optimizer steps")
     tr.add_argument("--seed", type=int, default=0, help="seed of the data order and initialization")
     tr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    tr.add_argument("--center", action="store_true", help="train on residuals less their mean (folded back into the "
+                                                          "biases after): for residuals with a large constant part")
     tr.add_argument("--out", help="folder to write layer_<L>/ SAEs to (default: saes/<model>)")
     tr.add_argument("--note", help="why this budget (or anything a reader of the report should know), "
                                               "printed in REPORT.md")

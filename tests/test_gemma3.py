@@ -65,3 +65,24 @@ def test_evaluate_runs_end_to_end_on_gemma3(gemma, gemma_dir, tmp_path):
     flips = [e for e in record["examples"] if e["valid_flip"]]
     assert flips, "the clamp should flip some prompts of the stand-in"
     assert all(e["c1_change"] < 1e-4 for e in flips if e.get("c1_change") is not None)
+
+
+@pytest.mark.parametrize("b_dec_first", [True, False])
+def test_uncentering_an_sae_is_exact(b_dec_first):
+    """train-saes --center trains on x - mean and folds the mean back: the SAE then reads and writes x itself."""
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    from benchmark.modeling.sae_training import uncenter
+
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=8, d_sae=16, apply_b_dec_to_input=b_dec_first))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+        sae.threshold.fill_(0.1)
+    x, mean = torch.randn(5, 8), 100 * torch.randn(8)
+    centered_codes, centered_out = sae.encode(x), sae(x)
+    uncenter(sae, mean)
+    assert torch.allclose(sae.encode(x + mean), centered_codes, atol=1e-3)
+    assert torch.allclose(sae(x + mean), centered_out + mean, atol=1e-3)

@@ -49,6 +49,10 @@ class TrainConfig:
     min_seq_len: int = 16
     chat_share: float = 0.35
     seed: int = 0
+    #: train on residuals less their mean (folded back into the biases after): needed where a few dimensions carry a
+    #: large constant (Gemma 3: most of the residual's squared norm), which otherwise makes a few latents fire on every
+    #: token and the rest die; off for the default model's committed SAEs, which were trained without it
+    center: bool = False
 
 
 def build_corpus(tokenizer, cfg: TrainConfig) -> list[list[int]]:
@@ -135,12 +139,14 @@ def _compact(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16) if x.abs().max() < FLOAT16_LIMIT else x
 
 
-def _shuffled_batches(acts: torch.Tensor, batch_size: int, seed: int):
+def _shuffled_batches(acts: torch.Tensor, batch_size: int, seed: int, offset: torch.Tensor | None = None):
+    """Endless shuffled [batch_size, d_in] float32 batches of ``acts``, less ``offset`` where given."""
     gen = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(acts.shape[0], generator=gen)
         for i in range(0, acts.shape[0] - batch_size + 1, batch_size):
-            yield acts[perm[i : i + batch_size]].float()
+            batch = acts[perm[i : i + batch_size]].float()
+            yield batch if offset is None else batch - offset
 
 
 def train_one(acts: torch.Tensor, cfg: TrainConfig, d_in: int, layer: int, hook_name: str):
@@ -167,11 +173,25 @@ def train_one(acts: torch.Tensor, cfg: TrainConfig, d_in: int, layer: int, hook_
         n_batches_for_norm_estimate=50,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_shuffled_batches(acts, cfg.batch_size, cfg.seed))
+    mean = acts.float().mean(0) if cfg.center else None
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae,
+                         data_provider=_shuffled_batches(acts, cfg.batch_size, cfg.seed, mean))
     trainer.fit()
     tmp = Path(f"/tmp/sae-train-{layer}-{time.time_ns()}")
     sae.save_inference_model(tmp)
-    return SAE.load_from_disk(tmp, device="cpu", dtype="float32")
+    trained = SAE.load_from_disk(tmp, device="cpu", dtype="float32")
+    if mean is not None:
+        uncenter(trained, mean)
+    return trained
+
+
+@torch.no_grad()
+def uncenter(sae, mean: torch.Tensor) -> None:
+    """Make an SAE trained on ``x - mean`` read and write ``x`` itself, exactly: the mean goes into the decoder bias
+    (which the encoder subtracts first where ``apply_b_dec_to_input``, else the encoder bias absorbs it)."""
+    if not sae.cfg.apply_b_dec_to_input:
+        sae.b_enc -= mean @ sae.W_enc
+    sae.b_dec += mean
 
 
 @torch.no_grad()
@@ -285,6 +305,8 @@ def _rebuild_options(model: str, cfg: dict) -> str:
     options += f" --width {cfg['d_sae']} --k {cfg['k']} --tokens {cfg['train_tokens']} --steps {cfg['steps']} "
     if cfg["heldout_tokens"] != TrainConfig.heldout_tokens:
         options += f"--heldout-tokens {cfg['heldout_tokens']} "
+    if cfg.get("center"):
+        options += "--center "
     return options + f"--seed {cfg['seed']}"
 
 
