@@ -16,8 +16,8 @@ from benchmark import __version__
 from benchmark.attacks import ATTACKS, AttackConfig, ExampleOutcome, RecoveryAttack, ResidualAttack, build_attack
 from benchmark.modeling.base_residuals import BaseResiduals
 from benchmark.errors import BenchmarkError, NonFiniteError
-from benchmark.modeling.forward import (capture, compose, defense_edits, next_token_kl, residual_prefix, run_edited, run_task,
-                               task_forward)
+from benchmark.modeling.forward import (capture, compose, defense_edits, monitor_flags, next_token_kl, residual_prefix,
+                                        run_edited, run_task, task_forward)
 from benchmark.running.metrics import is_valid_flip
 from benchmark.modeling.models import LoadedModel, dtype_name, load_model
 from benchmark.running.records import (PATH_FIELDS, RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance,
@@ -27,7 +27,7 @@ from benchmark.running.replay import PARTS, margin_shares, replay_parts, stack_d
 from benchmark.modeling.saes import LoadedSAE
 from benchmark.running.shards import (WHOLE, PartialRun, Shard, chunk_rows, fingerprint, partial_path,
                                       recorded_fingerprint)
-from defenses.base import DEFENSES, Defense, FitContext
+from defenses.base import DEFENSES, Defense, FitContext, abstained
 from tasks.base import TASKS, PromptBatch, TaskSuite
 
 
@@ -51,6 +51,8 @@ def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, def
     if known is None:
         forward = task_forward(model, task, lambda part: defense_edits(defense, part), residuals)
         known = batch.map_length_chunks(chunk, lambda part: task.score(forward, part))
+        if defense is not None and defense.monitor_sites:  # an input the monitor flags gets a null readout
+            known = abstained(known, monitor_rate(model, defense, batch, chunk, residuals, per_example=True))
     bad = ~torch.isfinite(known)
     if bool(bad.any()):
         who = "the undefended model" if defense is None else f"defense '{defense.name}' (sites {defense.sites})"
@@ -58,6 +60,17 @@ def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, def
                              [batch.ids[i] for i in bad.nonzero()[:, 0].tolist()],
                              "usually the model's output or the suite's score function", suite=task.name)
     return known
+
+
+@torch.no_grad()
+def monitor_rate(model: LoadedModel, defense: Defense, batch: PromptBatch, chunk: int = 64,
+                 residuals: BaseResiduals | None = None, per_example: bool = False) -> float | Tensor:
+    """The share of ``batch``'s inputs (clean: no attack) that ``defense``'s monitor flags, or with ``per_example``
+    the flags [b] (bool) themselves; on the suite's clean test and control inputs, the monitor's false-positive
+    rates."""
+    flags = batch.map_length_chunks(chunk, lambda part: monitor_flags(
+        model, defense, part, defense_edits(defense, part), residual_prefix(residuals, part)))
+    return flags if per_example else float(flags.float().mean())
 
 
 @torch.no_grad()
@@ -186,6 +199,10 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
         control = control.select(list(range(min(limit or len(control), len(control)))))
         head["side_effect"] = next_token_kl(model, control, defended, residuals=residuals) if defense.sites else 0.0
         head["defense_edit_rel"] = defense_edit_size(model, defense, test, residuals=residuals)
+        if defense.monitor_sites:
+            head["monitor"] = {"monitor_fpr_test": monitor_rate(model, defense, test, residuals=residuals),
+                               "monitor_fpr_control": monitor_rate(model, defense, task.control_batch(),
+                                                                   residuals=residuals)}
         head["task_metrics"] = task.task_metrics(task_forward(model, task, lambda part: {}, residuals),
                                                  task_forward(model, task, defended, residuals))
     n_chunks = math.ceil(len(flips) / attack_cfg.batch_size)
@@ -296,7 +313,8 @@ def _result(example_id: str, o: ExampleOutcome, path: dict) -> dict:
             "recovery_budget": o.recovery_budget, "delta_rel": o.delta_rel, "drift_abs": o.drift_abs,
             "drift_rel": o.drift_rel, "reactivation": o.reactivation, "c1_change": o.c1_change,
             "jacobian_residual_drift": o.jacobian_residual, **{k: path.get(k) for k in PATH_FIELDS},
-            "h_norm_mean": o.h_norm_mean, "jacobian_rank": o.jacobian_rank, "jacobian_exact": o.jacobian_exact}
+            "h_norm_mean": o.h_norm_mean, "jacobian_rank": o.jacobian_rank, "jacobian_exact": o.jacobian_exact,
+            "flagged": o.flagged}
 
 
 def _describe_sae(sae: LoadedSAE) -> dict:
