@@ -174,10 +174,12 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
     with _phase("prepare task"):
         task.prepare(model)
     with _phase("fit defense"):
+        fit_started = time.time()
         ctx = FitContext(model, task, sae_dir)
         defense.fit(ctx)
         for layer in defense.sites:
             ctx.check_site(layer)
+        fit_seconds = round(time.time() - fit_started, 1)
     test = task.encode(task.examples("test")[:limit])
     residuals = shared_prefix(model, task, defense)
     with _phase("score base and defended"):
@@ -193,6 +195,7 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
     if recorded_fingerprint(path) == run_id:
         print(f"done already: {path} comes from this very run (same fingerprint); delete it to run again", flush=True)
         return load_record(path), path
+    head["defense"]["fit_seconds"] = fit_seconds  # after the fingerprint: a timing is no input of the run
     with _phase("side effect, edit size and task metrics"):
         defended = lambda part: defense_edits(defense, part)  # noqa: E731
         control = task.control_batch()
