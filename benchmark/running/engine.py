@@ -45,14 +45,14 @@ def shared_prefix(model: LoadedModel, task: TaskSuite, defense: Defense) -> Base
 def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, defense: Defense | None,
                     chunk: int = 64, residuals: BaseResiduals | None = None) -> Tensor:
     """Judged behavior score [b] of every example (:meth:`TaskSuite.score`), with the defense active when given
-    (starting from ``residuals`` when given, see :func:`shared_prefix`); without a defense, the suite's
-    :meth:`TaskSuite.known_base_scores` when it has them."""
+    (starting from ``residuals`` when given, see :func:`shared_prefix`; 0, a null readout, where its monitor makes it
+    abstain); without a defense, the suite's :meth:`TaskSuite.known_base_scores` when it has them."""
     known = task.known_base_scores(batch) if defense is None else None
     if known is None:
         forward = task_forward(model, task, lambda part: defense_edits(defense, part), residuals)
         known = batch.map_length_chunks(chunk, lambda part: task.score(forward, part))
         if defense is not None and defense.monitor_sites:  # an input the monitor flags gets a null readout
-            known = abstained(known, monitor_rate(model, defense, batch, chunk, residuals, per_example=True))
+            known = abstained(known, clean_flags(model, defense, batch, chunk, residuals))
     bad = ~torch.isfinite(known)
     if bool(bad.any()):
         who = "the undefended model" if defense is None else f"defense '{defense.name}' (sites {defense.sites})"
@@ -63,14 +63,12 @@ def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, def
 
 
 @torch.no_grad()
-def monitor_rate(model: LoadedModel, defense: Defense, batch: PromptBatch, chunk: int = 64,
-                 residuals: BaseResiduals | None = None, per_example: bool = False) -> float | Tensor:
-    """The share of ``batch``'s inputs (clean: no attack) that ``defense``'s monitor flags, or with ``per_example``
-    the flags [b] (bool) themselves; on the suite's clean test and control inputs, the monitor's false-positive
-    rates."""
-    flags = batch.map_length_chunks(chunk, lambda part: monitor_flags(
+def clean_flags(model: LoadedModel, defense: Defense, batch: PromptBatch, chunk: int = 64,
+                residuals: BaseResiduals | None = None) -> Tensor:
+    """[b] bool: the inputs of ``batch`` (clean: no attack) on which ``defense``'s monitor makes it abstain; their
+    share on the suite's test and control inputs is the monitor's false-positive rate."""
+    return batch.map_length_chunks(chunk, lambda part: monitor_flags(
         model, defense, part, defense_edits(defense, part), residual_prefix(residuals, part)))
-    return flags if per_example else float(flags.float().mean())
 
 
 @torch.no_grad()
@@ -203,9 +201,9 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
         head["side_effect"] = next_token_kl(model, control, defended, residuals=residuals) if defense.sites else 0.0
         head["defense_edit_rel"] = defense_edit_size(model, defense, test, residuals=residuals)
         if defense.monitor_sites:
-            head["monitor"] = {"monitor_fpr_test": monitor_rate(model, defense, test, residuals=residuals),
-                               "monitor_fpr_control": monitor_rate(model, defense, task.control_batch(),
-                                                                   residuals=residuals)}
+            head["monitor"] = {f"monitor_fpr_{name}": float(clean_flags(model, defense, inputs, residuals=residuals)
+                                                            .float().mean())
+                               for name, inputs in (("test", test), ("control", task.control_batch()))}
         head["task_metrics"] = task.task_metrics(task_forward(model, task, lambda part: {}, residuals),
                                                  task_forward(model, task, defended, residuals))
     n_chunks = math.ceil(len(flips) / attack_cfg.batch_size)
