@@ -203,7 +203,7 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
         if defense.monitor_sites:
             head["monitor"] = {f"monitor_fpr_{name}": float(clean_flags(model, defense, inputs, residuals=residuals)
                                                             .float().mean())
-                               for name, inputs in (("test", test), ("control", task.control_batch()))}
+                               for name, inputs in (("test", test), ("control", control))}
         head["task_metrics"] = task.task_metrics(task_forward(model, task, lambda part: {}, residuals),
                                                  task_forward(model, task, defended, residuals))
     n_chunks = math.ceil(len(flips) / attack_cfg.batch_size)
