@@ -177,7 +177,7 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
         defense.fit(ctx)
         for layer in defense.sites:
             ctx.check_site(layer)
-        fit_seconds = round(time.time() - fit_started, 1)
+        fit_seconds = time.time() - fit_started
     test = task.encode(task.examples("test")[:limit])
     residuals = shared_prefix(model, task, defense)
     with _phase("score base and defended"):
@@ -193,7 +193,6 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
     if recorded_fingerprint(path) == run_id:
         print(f"done already: {path} comes from this very run (same fingerprint); delete it to run again", flush=True)
         return load_record(path), path
-    head["defense"]["fit_seconds"] = fit_seconds  # after the fingerprint: a timing is no input of the run
     with _phase("side effect, edit size and task metrics"):
         defended = lambda part: defense_edits(defense, part)  # noqa: E731
         control = task.control_batch()
@@ -208,7 +207,7 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
                                                  task_forward(model, task, defended, residuals))
     n_chunks = math.ceil(len(flips) / attack_cfg.batch_size)
     partial = PartialRun.resume(partial_path(path, shard), run_id, shard, n_chunks, head,
-                                lambda seconds: provenance(seconds, command, git, run_id, model), started)
+                                lambda seconds: provenance(seconds, command, git, run_id, model, fit_seconds), started)
     for c in partial.todo():
         with _phase(f"chunk {c + 1} of {n_chunks}"):
             partial.add(c, attack_chunk(attack, flips.select(chunk_rows(c, attack_cfg.batch_size, len(flips))),
