@@ -14,8 +14,8 @@ from defenses import DEFENSES, FitContext
 from defenses.sae_clamp import SAEClamp
 
 FEATS = [3, 17, 40, 99]
-BUILT_INS = ["directional_ablation", "error_projection_clamp", "multi_layer_clamp", "none", "sae_clamp",
-             "sae_reconstruct_clamp"]
+BUILT_INS = ["directional_ablation", "error_monitor", "error_projection_clamp", "multi_layer_clamp", "none",
+             "sae_clamp", "sae_reconstruct_clamp"]
 
 
 def _fit(tiny_model, tiny_dir, ioi, name, **params):
@@ -178,6 +178,7 @@ ENGINE_PARAMS = {
     "multi_layer_clamp": {"layers": [1, 2], "k": 8, "value": -4.0},
     "sae_reconstruct_clamp": {"layer": 2, "k": 8, "value": -4.0},
     "error_projection_clamp": {"layer": 2, "k": 8, "value": -4.0},
+    "error_monitor": {"layer": 2, "k": 8, "value": -4.0},
     "directional_ablation": {"layer": 2},
     "none": {},
 }

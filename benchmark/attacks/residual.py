@@ -31,10 +31,10 @@ from benchmark.attacks.base import (Adam, AttackConfig, Chunk, RecoveryAttack, a
                                     clip_per_position)
 from benchmark.errors import BenchmarkError
 from benchmark.modeling import sae_math
-from benchmark.modeling.forward import (Edit, EditedForward, Prefill, add, capture, compose, defense_edits, run_edited,
-                                        run_task)
+from benchmark.modeling.forward import (Edit, EditedForward, Prefill, add, capture, compose, defense_edits,
+                                        monitor_flags, run_task, site_inputs)
 from benchmark.modeling.models import LoadedModel
-from defenses.base import Defense
+from defenses.base import Defense, abstained
 from tasks.base import PromptBatch, TaskSuite
 
 CLIP_ROUNDS = 5  # project / per-position clip alternations with a cross-site basis before the final uniform shrink
@@ -127,27 +127,19 @@ class ResidualAttack(RecoveryAttack):
     def confirm(self, chunk: Chunk, delta: Tensor) -> Tensor:
         forward = EditedForward(self.model, self.task, lambda b: self.attacked_edits(b, delta))
         with torch.no_grad():
-            return self.task.score(forward, chunk.batch)
+            judged = self.task.score(forward, chunk.batch)
+        return abstained(judged, monitor_flags(self.model, self.defense, chunk.batch,
+                                               self.attacked_edits(chunk.batch, delta)))
 
     # -- per chunk set-up ----------------------------------------------------------------------------------------
 
     def prepare(self, batch: PromptBatch) -> Chunk:
         """The chunk's reference norms (the residual at the site before the defense acts there), masks, defended
         readouts and, when the blocks below the site can be skipped, that residual."""
-        seen = self._site_inputs(batch, self.attacked_edits(batch, None))
+        seen = site_inputs(self.model, batch, self.attacked_edits(batch, None))
         pos_mask = attacked_positions(batch, self.cfg.positions)
         return Chunk(batch, seen[self.layer].norm(dim=-1), pos_mask, batch.attention_mask.bool(),
                      self._readouts(seen), seen[self.layer].detach() if self.reuses_prefix else None)
-
-    @torch.no_grad()
-    def _site_inputs(self, batch: PromptBatch, edits: dict[int, Edit]) -> dict[int, Tensor]:
-        """Every edited site's input [b, p, d] with ``edits`` (no ``delta``), from a pass that stops at the last
-        of them (nothing above it is read); empty without edits."""
-        seen: dict[int, Tensor] = {}
-        if edits:
-            captured = {L: compose(capture(seen, L), e) for L, e in edits.items()}
-            run_edited(self.model, batch, captured, read_layer=max(edits))
-        return seen
 
     def c1_change(self, chunk: Chunk, i: int, att: dict[int, Tensor]) -> float | None:
         """Largest change of a defended pre-activation at the attacked site over the RMS of those values."""

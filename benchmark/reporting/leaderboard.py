@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from benchmark.running.battery import planned_runs
 from benchmark.errors import BenchmarkError
-from benchmark.running.metrics import HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CAP
+from benchmark.running.metrics import HEADLINE_BUDGET, HOLDS, MIN_FLIPS, SIDE_EFFECT_CAP
 from benchmark.modeling.models import DEFAULT_MODEL
 from benchmark.reporting.paper import PAPER_HEADERS, PAPER_NOTE, paper_rows
 from benchmark.reporting.plots import figures
@@ -51,14 +51,19 @@ RANKING_NOTE = (
 MAIN_LEGEND = (
     "Each suite's cell: **robust suppression over the budget range**, worst case per example over the "
     "feature-preserving attacks it was checked against (linked: their records) · side effect (KL, nats) · valid "
-    "flips (the evidence). Every other figure is in the suite's table of the full leaderboard. `–`: no record yet.")
+    "flips (the evidence). **unchecked**: the adaptive attacks the cell still lacks (a defense that abstains on a "
+    "monitor needs evasive_encoder and transfer; a cell that holds at the headline budget, robust suppression >= "
+    f"{100 * HOLDS:g}%, needs transfer): until they run, its figure is an upper bound. Every other figure is in the "
+    "suite's table of the full leaderboard. `–`: no record yet.")
 SUITE_LEGEND = (
     "Every record of the suite: all attack modes, the soft-suffix baseline (no residual access) for comparison. "
     f"Robust suppression at the largest budget, at the headline budget {HEADLINE_BUDGET:g}, and over the budget range "
     "(area); path attribution: the median share of the attack's margin gain carried by the SAE error term alone "
     "[quartiles], the shares' sum, and the margin replay (the attack continued to the undefended margin; share of "
     "examples whose error / non-defended-latent part alone then recovers, over n replayed); binary replay of the "
-    "just-recovered delta (error / latent part alone crossing 0: weak evidence about paths, see README). "
+    "just-recovered delta (error / latent part alone crossing 0: weak evidence about paths, see README); a defense "
+    "that abstains on a monitor: the share of clean test / control inputs it flags and of attacked inputs it "
+    "detects (encoder: the attack without evasion, evasive_encoder: with it). "
     "**Bold**: the attacks the defense is ranked on; a *worst case* row per threat model with more than one attack "
     "(an example counts as recovered if any attack recovered it, at the smallest budget any needed).")
 
@@ -101,6 +106,8 @@ def _href(path: Path, base: Path) -> str:
 
 def _suite_cell(cell: Cell, base: Path) -> str:
     checked = " ".join(f"[{r['attack']['mode']}]({_href(p, base)})" for p, r in cell.entries)
+    if cell.unchecked:
+        checked += f" · **unchecked**: {', '.join(cell.unchecked)}"
     side = f"KL {_num(cell.side_effect)}"
     if cell.status == COUNTED:
         return f"**{_pct(cell.score.auc)}** · {side} · {cell.flips} flips · vs {checked}"
@@ -115,7 +122,8 @@ SUITE_HEADERS = ["rank", "defense", "attack", "suppression", "recovery [95% CI] 
                  f"robust at {HEADLINE_BUDGET:g}", "robust, area over budget", "recovery budget (median)",
                  "drift rel / abs", "reactivation", "side effect (KL)", "defense edit",
                  "error share [q1, q3]", "shares' sum", "margin replay error / latent (n)",
-                 "binary replay error / latent", "valid flips", "suite metrics", "commit", "record"]
+                 "binary replay error / latent", "monitor flags clean test / control · detects attacked",
+                 "valid flips", "suite metrics", "commit", "record"]
 
 
 def main_rows(standing: list[Standing], base: Path) -> list[list[str]]:
@@ -136,6 +144,13 @@ def _margin_replay(m: dict, c: dict) -> str:
             f"({c['path_replayed']})")
 
 
+def _monitor(m: dict) -> str:
+    if "monitor_fpr_test" not in m:
+        return "–"
+    return (f"{_pct(m['monitor_fpr_test'])} / {_pct(m['monitor_fpr_control'])} · "
+            f"{_pct(m.get('monitor_detection_rate'))}")
+
+
 def suite_rows(standing: list[Standing], suite: str, base: Path) -> list[list[str]]:
     rows = []
     for s in standing:
@@ -153,7 +168,7 @@ def suite_rows(standing: list[Standing], suite: str, base: Path) -> list[list[st
                          _pct(m["reactivation"]), _num(m["side_effect"]), _num(m.get("defense_edit_rel")),
                          _shares(m), _num(m.get("share_sum_median"), 2), _margin_replay(m, c),
                          f"{_pct(m['residual_replay_recovery'])} / {_pct(m['latent_replay_recovery'])}",
-                         f"{c['valid_flips']} of {c['base_behavior']}", _suite_metrics(r), _commit(r),
+                         _monitor(m), f"{c['valid_flips']} of {c['base_behavior']}", _suite_metrics(r), _commit(r),
                          f"[json]({_href(path, base)})"])
         for model in sorted({threat_model(r) for _, r in s.entries if r["task"]["name"] == suite}):
             cell = cells(s.entries, model).get(suite)

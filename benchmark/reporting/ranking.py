@@ -18,8 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmark.running.metrics import (HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CAP, robust_suppression_at,
-                               robust_suppression_auc)
+from benchmark.running.metrics import (HEADLINE_BUDGET, HOLDS, MIN_FLIPS, SIDE_EFFECT_CAP, robust_suppression_at,
+                                       robust_suppression_auc)
 from benchmark.running.records import comparable, schema
 
 #: the threat model of each attack of a record that does not state one (records written before attacks declared it)
@@ -105,6 +105,17 @@ class Cell:
     def attacks(self) -> list[str]:
         """The attacks this cell was checked against."""
         return [r["attack"]["mode"] for _, r in self.entries]
+
+    @property
+    def unchecked(self) -> list[str]:
+        """The adaptive attacks (DESIGN.md, "Adaptive attacks") this cell still lacks a record of: against a defense
+        that abstains on a monitor (a gate, whose gradient is zero), the evasion attack with its smoothed surrogate
+        and the transfer of ``sae_clamp``'s deltas; against any cell that holds at the headline budget (robust
+        suppression >= :data:`HOLDS`), the transfer."""
+        monitored = "monitor_fpr_test" in self.record["metrics"]
+        holds = self.score.headline is not None and self.score.headline >= HOLDS
+        needed = [*(["evasive_encoder"] if monitored else []), *(["transfer"] if monitored or holds else [])]
+        return [a for a in needed if a not in self.attacks]
 
     @property
     def flips(self) -> int:
