@@ -148,3 +148,16 @@ def test_transfer_refuses_a_defense_that_defends_other_latents(tiny_model, tiny_
     other.fit(FitContext(tiny_model, ioi, tiny_dir / "saes"))
     with pytest.raises(BenchmarkError, match="keeps C1 only"):
         _attack(tiny_model, ioi, other, "transfer")
+
+
+def test_random_search_recovers_without_a_gradient_within_its_constraints(tiny_model, ioi, monitor, flips,
+                                                                          monkeypatch):
+    attack = _attack(tiny_model, ioi, monitor, "random_search", eps=(0.05, 0.5), steps=6)
+    monkeypatch.setattr(torch.Tensor, "backward", lambda *a, **k: pytest.fail("the search asked for a gradient"))
+    outcomes = attack.run(flips, progress=False)
+    recovered = [o for o in outcomes if o.recovered]
+    assert recovered, "random search at half the residual norm recovers some tiny-model flip"
+    assert all(not o.flagged and o.recovery_budget in (0.05, 0.5) for o in recovered)
+    assert all(o.b_attacked <= 0 for o in outcomes if not o.recovered)
+    assert max(o.c1_change for o in outcomes) < 1e-4
+    assert max(o.delta_rel for o in outcomes) <= 0.5 + 1e-4

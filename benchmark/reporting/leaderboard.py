@@ -52,8 +52,9 @@ MAIN_LEGEND = (
     "Each suite's cell: **robust suppression over the budget range**, worst case per example over the "
     "feature-preserving attacks it was checked against (linked: their records) · side effect (KL, nats) · valid "
     "flips (the evidence). **unchecked**: the adaptive attacks the cell still lacks (a defense that abstains on a "
-    "monitor needs evasive_encoder and transfer; a cell that holds at the headline budget, robust suppression >= "
-    f"{100 * HOLDS:g}%, needs transfer): until they run, its figure is an upper bound. Every other figure is in the "
+    "monitor needs evasive_encoder, transfer and random_search; a cell that holds at the headline budget, robust "
+    f"suppression >= {100 * HOLDS:g}%, needs transfer and random_search): until they run, its figure is an upper "
+    "bound. Every other figure is in the "
     "suite's table of the full leaderboard. `–`: no record yet.")
 SUITE_LEGEND = (
     "Every record of the suite: all attack modes, the soft-suffix baseline (no residual access) for comparison. "

@@ -109,12 +109,13 @@ class Cell:
     @property
     def unchecked(self) -> list[str]:
         """The adaptive attacks (DESIGN.md, "Adaptive attacks") this cell still lacks a record of: against a defense
-        that abstains on a monitor (a gate, whose gradient is zero), the evasion attack with its smoothed surrogate
-        and the transfer of ``sae_clamp``'s deltas; against any cell that holds at the headline budget (robust
-        suppression >= :data:`HOLDS`), the transfer."""
+        that abstains on a monitor (a gate, whose gradient is zero), the evasion attack with its smoothed surrogate;
+        against it and against any cell that holds at the headline budget (robust suppression >= :data:`HOLDS`), the
+        gradient-free checks, the transfer of ``sae_clamp``'s deltas and the random search."""
         monitored = "monitor_fpr_test" in self.record["metrics"]
         holds = self.score.headline is not None and self.score.headline >= HOLDS
-        needed = [*(["evasive_encoder"] if monitored else []), *(["transfer"] if monitored or holds else [])]
+        needed = [*(["evasive_encoder"] if monitored else []),
+                  *(["transfer", "random_search"] if monitored or holds else [])]
         return [a for a in needed if a not in self.attacks]
 
     @property
