@@ -161,3 +161,15 @@ def test_random_search_recovers_without_a_gradient_within_its_constraints(tiny_m
     assert all(o.b_attacked <= 0 for o in outcomes if not o.recovered)
     assert max(o.c1_change for o in outcomes) < 1e-4
     assert max(o.delta_rel for o in outcomes) <= 0.5 + 1e-4
+
+
+def test_the_adversarial_projection_adds_directions_from_the_attacks_recovering_deltas(tiny_model, tiny_dir, ioi):
+    params = {**CLAMP, "rounds": 2, "per_round": 4, "fit_examples": 8, "fit_eps": [0.05, 0.5], "fit_steps": 4}
+    fitted = DEFENSES.get("adversarial_projection_clamp").create(**params)
+    fitted.fit(FitContext(tiny_model, ioi, tiny_dir / "saes"))
+    plain = DEFENSES.get("error_projection_clamp").create(**CLAMP)
+    plain.fit(FitContext(tiny_model, ioi, tiny_dir / "saes"))
+    basis, start = fitted.error_basis[2], plain.error_basis[2]
+    assert 1 < basis.shape[1] <= 1 + 2 * 4, "the attack's directions join the decoder direction"
+    assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5)
+    assert float((basis.T @ start).norm()) == pytest.approx(1.0, abs=1e-5), "it starts from error_projection_clamp's"
