@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 import benchmark.attacks.cross_site as cross_site
-from benchmark.attacks.base import (Adam, AttackConfig, Chunk, RecoveryAttack, attacked_positions,
+from benchmark.attacks.base import (Adam, AttackConfig, Chunk, ExampleOutcome, RecoveryAttack, attacked_positions,
                                     clip_per_position)
 from benchmark.errors import BenchmarkError
 from benchmark.modeling import sae_math
@@ -140,6 +140,23 @@ class ResidualAttack(RecoveryAttack):
         pos_mask = attacked_positions(batch, self.cfg.positions)
         return Chunk(batch, seen[self.layer].norm(dim=-1), pos_mask, batch.attention_mask.bool(),
                      self._readouts(seen), seen[self.layer].detach() if self.reuses_prefix else None)
+
+    def settle(self, chunk: Chunk, delta: Tensor, steps_used: Tensor, budgets: Tensor) -> list[ExampleOutcome]:
+        """Outcomes, in row order, of an attack that chose ``delta`` [n, p, d] for the chunk without the shared loop
+        (a search, a replay): one defended pass judges every example under it (a flagged input gets the null
+        readout), recovered where the score is > 0, at the budget ``budgets`` [n] gives it, after ``steps_used`` [n]
+        updates; the suite's judge decides where it has one (:meth:`judge`)."""
+        with torch.no_grad():
+            read, seen = self.forward(chunk.batch, delta, h_site=chunk.h_site)
+            flags = self.defense.abstains(seen, chunk.batch.token_mask)
+            b = abstained(self.task.behavior(read, chunk.batch), flags)
+        reads = self._readouts(seen)
+        outcomes = [self._outcome(chunk, i, delta, reads, i, b_attacked=float(b[i]), recovered=bool(b[i] > 0),
+                                  steps_used=int(steps_used[i]),
+                                  recovery_budget=float(budgets[i]) if b[i] > 0 else None,
+                                  flagged=None if flags is None else bool(flags[i])) for i in range(len(b))]
+        self.judge(chunk, delta, outcomes, budgets)
+        return outcomes
 
     def c1_change(self, chunk: Chunk, i: int, att: dict[int, Tensor]) -> float | None:
         """Largest change of a defended pre-activation at the attacked site over the RMS of those values."""

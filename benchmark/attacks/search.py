@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from benchmark.attacks.base import ATTACKS, FEATURE_PRESERVING, Chunk, ExampleOutcome
 from benchmark.attacks.encoder import EncoderAttack
-from defenses.base import abstained
 
 PROPOSAL = 0.5  # proposal noise per attacked position, as a fraction of the budget eps * ||h_p||
 
@@ -72,15 +71,5 @@ class RandomSearchAttack(EncoderAttack):
                 self.updates += len(idx)
                 budgets[idx[better & (rank > 0)]] = eps
             bar.set_postfix(eps=eps, active=int((best <= 0).sum()), updates=self.updates)
-        with torch.no_grad():
-            read, seen = self.forward(chunk.batch, delta, h_site=chunk.h_site)
-            flags = self.defense.abstains(seen, chunk.batch.token_mask)
-            b = abstained(self.task.behavior(read, chunk.batch), flags)
-        reads = self._readouts(seen)
-        outcomes = [self._outcome(chunk, i, delta, reads, i, b_attacked=float(b[i]), recovered=bool(b[i] > 0),
-                                  steps_used=int(steps_used[i]),
-                                  recovery_budget=float(budgets[i]) if b[i] > 0 else None,
-                                  flagged=None if flags is None else bool(flags[i])) for i in range(n)]
         bar.update(n)
-        self.judge(chunk, delta, outcomes, budgets)
-        return outcomes
+        return self.settle(chunk, delta, steps_used, budgets)

@@ -21,7 +21,7 @@ from benchmark.attacks.base import ATTACKS, FEATURE_PRESERVING, AttackConfig, Ch
 from benchmark.attacks.encoder import EncoderAttack
 from benchmark.errors import BenchmarkError
 from benchmark.modeling.models import LoadedModel
-from defenses.base import DEFENSES, Defense, FitContext, abstained
+from defenses.base import DEFENSES, Defense, FitContext
 from tasks.base import TaskSuite
 
 SOURCE = "sae_clamp"
@@ -76,20 +76,6 @@ class TransferAttack(EncoderAttack):
             if o.recovered:
                 delta[o.index, chunk.real[o.index]] = o.delta
                 budgets[o.index] = o.recovery_budget
-        with torch.no_grad():
-            read, seen = self.forward(chunk.batch, delta, h_site=chunk.h_site)
-            flags = self.defense.abstains(seen, chunk.batch.token_mask)
-            b = self.task.behavior(read, chunk.batch)
-        b = abstained(b, flags)
-        reads = self._readouts(seen)
-        outcomes = []
-        for o in found:
-            i = o.index
-            recovered = bool(b[i] > 0)
-            outcomes.append(self._outcome(chunk, i, delta, reads, i, b_attacked=float(b[i]), recovered=recovered,
-                                          steps_used=o.steps_used,
-                                          recovery_budget=float(budgets[i]) if recovered else None,
-                                          flagged=None if flags is None else bool(flags[i])))
-            bar.update(1)
-        self.judge(chunk, delta, outcomes, budgets)
-        return outcomes
+        steps_used = torch.tensor([o.steps_used for o in found])
+        bar.update(len(found))
+        return self.settle(chunk, delta, steps_used, budgets)
