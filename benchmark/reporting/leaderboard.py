@@ -110,6 +110,8 @@ def _suite_cell(cell: Cell, base: Path) -> str:
     if cell.unchecked:
         checked += f" · **unchecked**: {', '.join(cell.unchecked)}"
     side = f"KL {_num(cell.side_effect)}"
+    if "monitor_fpr_control" in cell.record["metrics"]:  # abstentions are a side effect the KL does not see
+        side += f", abstains on {_pct(cell.record['metrics']['monitor_fpr_control'])} of control"
     if cell.status == COUNTED:
         return f"**{_pct(cell.score.auc)}** · {side} · {cell.flips} flips · vs {checked}"
     if cell.status == OVER_CAP:
