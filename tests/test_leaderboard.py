@@ -145,3 +145,27 @@ def test_worst_case_per_example_over_the_attacks_of_a_threat_model():
     other_fit["examples"][flips[0]]["valid_flip"] = False
     with pytest.raises(ValueError, match="different fits"):
         worst_case([enc, other_fit])
+
+
+def test_a_cell_is_marked_unchecked_until_the_adaptive_attacks_it_needs_have_run(tmp_path):
+    """A defense that abstains on a monitor needs the evasion attack and both gradient-free checks; a cell that holds
+    at the headline budget needs the gradient-free checks; a broken cell needs nothing more."""
+    from benchmark.reporting.leaderboard import _suite_cell
+    from benchmark.reporting.ranking import cells
+
+    def entries(defense: str, budget: float | None, modes: list[str], monitor: bool = False) -> list:
+        out = []
+        for mode in modes:
+            r = _record(defense, "ioi", mode, budget=budget)
+            if monitor:
+                r["metrics"].update(monitor_fpr_test=0.05, monitor_fpr_control=0.04, monitor_detection_rate=0.5)
+            out.append((tmp_path / f"{defense}-{mode}.json", r))
+        return out
+
+    assert cells(entries("broken", 0.001, ["encoder"]))["ioi"].unchecked == []
+    assert cells(entries("holds", None, ["encoder"]))["ioi"].unchecked == ["transfer", "random_search"]
+    assert cells(entries("holds", None, ["encoder", "transfer", "random_search"]))["ioi"].unchecked == []
+    monitored = entries("abstains", 0.001, ["encoder", "transfer"], monitor=True)
+    assert cells(monitored)["ioi"].unchecked == ["evasive_encoder", "random_search"]
+    text = _suite_cell(cells(monitored)["ioi"], tmp_path)
+    assert "**unchecked**: evasive_encoder, random_search" in text and "abstains on 4.0% of control" in text
