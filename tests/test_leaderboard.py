@@ -169,3 +169,18 @@ def test_a_cell_is_marked_unchecked_until_the_adaptive_attacks_it_needs_have_run
     assert cells(monitored)["ioi"].unchecked == ["evasive_encoder", "random_search"]
     text = _suite_cell(cells(monitored)["ioi"], tmp_path)
     assert "**unchecked**: evasive_encoder, random_search" in text and "abstains on 4.0% of control" in text
+
+
+def test_the_goal_line_names_a_defense_only_when_two_checked_suites_hold(tmp_path):
+    from benchmark.reporting.leaderboard import goal_status
+
+    def runs(defense: str, modes: list[str], budget: float | None = None) -> list:
+        return [(tmp_path / f"{defense}-{suite}-{m}.json", _record(defense, suite, m, budget=budget))
+                for suite in ("ioi", "tpp") for m in modes]
+
+    unchecked = standings(runs("strong", ["encoder"]) + runs("weak", ["encoder"], budget=0.001))
+    line = goal_status(unchecked)
+    assert "Not reached by any defense. Closest: strong" in line and "unchecked: transfer, random_search" in line
+    assert "(2 counted suites at or above 50%, 0 of them checked" in line
+    checked = standings(runs("strong", ["encoder", "transfer", "random_search"]))
+    assert goal_status(checked).endswith("Reached by: strong.")

@@ -181,6 +181,35 @@ def suite_rows(standing: list[Standing], suite: str, base: Path) -> list[list[st
     return rows
 
 
+def goal_status(standing: list[Standing]) -> str:
+    """Issue 18's goal, from the records: which defenses hold (robust suppression >= :data:`HOLDS` at the headline
+    budget) on two or more counted suites, checked against every adaptive attack they need, and else which came
+    closest (the highest second-best counted headline figure) and what its best two cells show."""
+    def held(c: Cell) -> bool:
+        return c.status == COUNTED and c.score.headline is not None and c.score.headline >= HOLDS
+
+    def best(s: Standing) -> list[tuple[str, Cell]]:
+        counted = [(t, c) for t, c in s.cells.items() if c.status == COUNTED and c.score.headline is not None]
+        return sorted(counted, key=lambda tc: -tc[1].score.headline)
+
+    goal = (f"Goal of issue 18: robust suppression >= {100 * HOLDS:g}% at the headline budget {HEADLINE_BUDGET:g} on "
+            f"two suites with >= {MIN_FLIPS} valid flips each, side effect within the cap, checked against the "
+            "adaptive attacks it needs.")
+    reached = [s.defense for s in standing if sum(held(c) and not c.unchecked for c in s.cells.values()) >= 2]
+    if reached:
+        return f"{goal} Reached by: {', '.join(reached)}."
+    ranked = [s for s in standing if len(best(s)) >= 1]
+    if not ranked:
+        return f"{goal} Not reached: no counted cell yet."
+    closest = max(ranked, key=lambda s: [c.score.headline for _, c in best(s)[:2]] + [0.0])
+    shown = "; ".join(f"{t} {_pct(c.score.headline)}" + (f" (unchecked: {', '.join(c.unchecked)})" if c.unchecked
+                                                          else "") for t, c in best(closest)[:2])
+    holding = [c for c in closest.cells.values() if held(c)]
+    return (f"{goal} Not reached by any defense. Closest: {closest.defense}, at the headline budget {shown} "
+            f"({len(holding)} counted suite{'s' if len(holding) != 1 else ''} at or above {100 * HOLDS:g}%, "
+            f"{sum(not c.unchecked for c in holding)} of them checked against every adaptive attack it needs).")
+
+
 COVERAGE_HEADERS = ["defense", *SUITES]
 
 
@@ -225,7 +254,7 @@ def render_markdown(models: list[tuple[str, list[Standing]]], base: Path) -> str
              "", RANKING_NOTE, ""]
     for model, standing in models:
         lines += [f"## {model}" + (" (default model)" if model == DEFAULT_MODEL else ""), "", "### Ranking", "",
-                  MAIN_LEGEND, "", _md_table(MAIN_HEADERS, main_rows(standing, base)), ""]
+                  MAIN_LEGEND, "", _md_table(MAIN_HEADERS, main_rows(standing, base)), "", goal_status(standing), ""]
         if model == DEFAULT_MODEL:
             note, rows = coverage(standing)
             lines += ["### Battery coverage", "", note, "", _md_table(COVERAGE_HEADERS, rows), "",
@@ -247,7 +276,7 @@ def readme_section(models: list[tuple[str, list[Standing]]], readme: Path) -> st
              f"attribution, the paper's figures beside ours, a CSV and plots: [the leaderboard]({leaderboard}).", ""]
     if standing:
         lines += [MAIN_LEGEND, "", _md_table(MAIN_HEADERS, main_rows(standing, readme.parent)), "",
-                  coverage(standing)[0], ""]
+                  goal_status(standing), "", coverage(standing)[0], ""]
     else:
         lines += ["No records for the default model yet.", ""]
     return "\n".join([*lines, README_END])
@@ -330,6 +359,7 @@ def render_html(models: list[tuple[str, list[Standing]]], base: Path) -> str:
     for model, standing in models:
         parts += [f"<h2>{escape(model)}{' (default model)' if model == DEFAULT_MODEL else ''}</h2>", "<h3>Ranking</h3>",
                   f"<p>{_inline_md(MAIN_LEGEND)}</p>", _html_table(MAIN_HEADERS, main_rows(standing, base)),
+                  f"<p>{_inline_md(goal_status(standing))}</p>",
                   "<h3>Figures</h3>", '<div class="plots">', *figures(standing), "</div>"]
         if model == DEFAULT_MODEL:
             note, rows = coverage(standing)
