@@ -26,7 +26,7 @@ class AdversarialProjectionClamp(ErrorProjectionClamp):
     parts of the recovering deltas (``e(h + delta) - e(h)`` at the site, over their attacked positions) to the
     basis projected out of the error term. It stops early when the attack recovers nothing. Starts from the
     ``decoder_sum`` direction; the basis has rank at most ``1 + rounds * per_round``. The fit budget is these
-    settings; the record states the fit's wall time (``defense.fit_seconds``). A defense tuned this way can overfit
+    settings; the record states the fit's wall time (``provenance.fit_seconds``). A defense tuned this way can overfit
     the attack it was fitted against: the adaptive attacks and the test split say whether it generalizes.
     """
 

@@ -194,7 +194,7 @@ def test_each_builtin_runs_through_the_engine(tiny_model, tiny_dir, tmp_path, na
     validate_record(record)
     assert load_record(path) == record
     assert record["defense"]["name"] == name and record["defense"]["params"].items() >= ENGINE_PARAMS[name].items()
-    assert record["defense"]["fit_seconds"] >= 0
+    assert record["provenance"]["fit_seconds"] >= 0
     counts, metrics = record["counts"], record["metrics"]
     if name == "none":
         assert counts["valid_flips"] == 0 and metrics["suppression_rate"] == 0.0

@@ -24,7 +24,7 @@ BASELINES = ("none", "soft_suffix")  # unconstrained, and no residual access
 ADAPTIVE = ("evasive_encoder", "transfer", "random_search")
 #: defenses that fit on any suite (a submission folder is named by its path from the repository root)
 GENERIC = ("sae_clamp", "error_projection_clamp", "sae_reconstruct_clamp", "directional_ablation", "none",
-           "submissions/decoder_span_ablation")
+           "submissions/decoder_span_ablation", "adversarial_projection_clamp")
 #: the multi-site clamp's default layers are 8, 12 and 16; TPP reads the residual after block 12, so there 8 and 12
 MULTI_TPP = ("layers=[8,12]",)
 #: the jacobian attack's cross-site basis grows with batch x prompt length: on TPP's long abstracts a chunk of 64

@@ -272,9 +272,10 @@ def machine(model: LoadedModel | None = None) -> dict:
 
 
 def provenance(wall_seconds: float, command: str, git: tuple[str, bool], fingerprint: str | None = None,
-               model: LoadedModel | None = None) -> dict:
+               model: LoadedModel | None = None, fit_seconds: float | None = None) -> dict:
     """Where and how a run was made; ``git`` is :func:`git_state` taken when the run started, ``fingerprint``
-    the run's (:func:`benchmark.running.shards.fingerprint`), ``model`` the model it ran (its device and dtype)."""
+    the run's (:func:`benchmark.running.shards.fingerprint`), ``model`` the model it ran (its device and dtype),
+    ``fit_seconds`` how long fitting the defense took."""
     commit, dirty = git
     out = {
         "git_commit": commit,
@@ -287,4 +288,6 @@ def provenance(wall_seconds: float, command: str, git: tuple[str, bool], fingerp
     }
     if fingerprint is not None:
         out["fingerprint"] = fingerprint
+    if fit_seconds is not None:
+        out["fit_seconds"] = round(fit_seconds, 1)
     return out
