@@ -10,5 +10,7 @@ from defenses import none as _none  # noqa: F401  (registers "none")
 from defenses import unlearning_clamp as _unlearning_clamp  # noqa: F401  (registers "unlearning_clamp")
 from defenses import probe_ablation as _probe_ablation  # noqa: F401  (registers "tpp_ablation")
 from defenses import refusal_steering as _refusal_steering  # noqa: F401  (registers "refusal_steering")
+from defenses import error_monitor as _error_monitor  # noqa: F401  (registers "error_monitor")
+from defenses import adversarial_projection_clamp as _adversarial  # noqa: F401  ("adversarial_projection_clamp")
 
 __all__ = ["DEFENSES", "Defense", "FitContext", "SAEFeatureDefense"]

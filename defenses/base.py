@@ -132,6 +132,26 @@ class Defense(ABC):
         """The SAE and defended latents at ``layer``, for path replay; ``None`` for non-SAE defenses."""
         return None
 
+    @property
+    def monitor_sites(self) -> list[int]:
+        """Defended sites whose input a monitor reads (:meth:`monitor_margin`); [] (default): no monitor."""
+        return []
+
+    def monitor_margin(self, seen: dict[int, Tensor], token_mask: Tensor) -> Tensor:
+        """[b, p]: per position, how far the monitor's score lies above its threshold (> 0: flagged), differentiable
+        in ``seen`` ({layer: [b, p, d]}, each monitored site's input before the defense acts there); ``token_mask``
+        [b, p] marks the positions it reads (the others get a negative margin). Only for a defense with
+        :attr:`monitor_sites`."""
+        raise BenchmarkError(f"defense '{self.name}' has no monitor")
+
+    def abstains(self, seen: dict[int, Tensor], token_mask: Tensor) -> Tensor | None:
+        """[b] bool: the inputs on which the defended model abstains (its monitor flags a position), or None for a
+        defense without a monitor. An abstaining model gives a null readout: its behavior score is 0, so the
+        behavior counts as suppressed (:func:`abstained`)."""
+        if not self.monitor_sites:
+            return None
+        return (self.monitor_margin(seen, token_mask) > 0).any(dim=-1)
+
     def saes_used(self) -> list[LoadedSAE]:
         return []
 
@@ -269,6 +289,11 @@ def check_params(cls: type, overrides: dict) -> dict:
                 f"parameter '{n}' of defense '{name}' must be {_type_name(ann)}, got {type(value).__name__} {shown}"
             )
     return params
+
+
+def abstained(b: Tensor, flags: Tensor | None) -> Tensor:
+    """Behavior scores [b] with a monitor's abstentions ``flags`` [b] (None: none) as null readouts (score 0)."""
+    return b if flags is None else torch.where(flags, torch.zeros_like(b), b)
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", entry_point_group="sae_recovery_benchmark.defenses")

@@ -14,8 +14,8 @@ from defenses import DEFENSES, FitContext
 from defenses.sae_clamp import SAEClamp
 
 FEATS = [3, 17, 40, 99]
-BUILT_INS = ["directional_ablation", "error_projection_clamp", "multi_layer_clamp", "none", "sae_clamp",
-             "sae_reconstruct_clamp"]
+BUILT_INS = ["adversarial_projection_clamp", "directional_ablation", "error_monitor", "error_projection_clamp", "multi_layer_clamp", "none",
+             "sae_clamp", "sae_reconstruct_clamp"]
 
 
 def _fit(tiny_model, tiny_dir, ioi, name, **params):
@@ -179,6 +179,9 @@ ENGINE_PARAMS = {
     "multi_layer_clamp": {"layers": [1, 2], "k": 8, "value": -4.0},
     "sae_reconstruct_clamp": {"layer": 2, "k": 8, "value": -4.0},
     "error_projection_clamp": {"layer": 2, "k": 8, "value": -4.0},
+    "error_monitor": {"layer": 2, "k": 8, "value": -4.0},
+    "adversarial_projection_clamp": {"layer": 2, "k": 8, "value": -4.0, "rounds": 2, "fit_examples": 8,
+                                     "fit_eps": [0.05, 0.5], "fit_steps": 4},
     "directional_ablation": {"layer": 2},
     "none": {},
 }
@@ -192,6 +195,7 @@ def test_each_builtin_runs_through_the_engine(tiny_model, tiny_dir, tmp_path, na
     validate_record(record)
     assert load_record(path) == record
     assert record["defense"]["name"] == name and record["defense"]["params"].items() >= ENGINE_PARAMS[name].items()
+    assert record["provenance"]["fit_seconds"] >= 0
     counts, metrics = record["counts"], record["metrics"]
     if name == "none":
         assert counts["valid_flips"] == 0 and metrics["suppression_rate"] == 0.0

@@ -173,3 +173,42 @@ def test_worst_case_per_example_over_the_attacks_of_a_threat_model():
     other_fit["examples"][flips[0]]["valid_flip"] = False
     with pytest.raises(ValueError, match="different fits"):
         worst_case([enc, other_fit])
+
+
+def test_a_cell_is_marked_unchecked_until_the_adaptive_attacks_it_needs_have_run(tmp_path):
+    """A defense that abstains on a monitor needs the evasion attack and both gradient-free checks; a cell that holds
+    at the headline budget needs the gradient-free checks; a broken cell needs nothing more."""
+    from benchmark.reporting.leaderboard import _suite_cell
+    from benchmark.reporting.ranking import cells
+
+    def entries(defense: str, budget: float | None, modes: list[str], monitor: bool = False) -> list:
+        out = []
+        for mode in modes:
+            r = _record(defense, "ioi", mode, budget=budget)
+            if monitor:
+                r["metrics"].update(monitor_fpr_test=0.05, monitor_fpr_control=0.04, monitor_detection_rate=0.5)
+            out.append((tmp_path / f"{defense}-{mode}.json", r))
+        return out
+
+    assert cells(entries("broken", 0.001, ["encoder"]))["ioi"].unchecked == []
+    assert cells(entries("holds", None, ["encoder"]))["ioi"].unchecked == ["transfer", "random_search"]
+    assert cells(entries("holds", None, ["encoder", "transfer", "random_search"]))["ioi"].unchecked == []
+    monitored = entries("abstains", 0.001, ["encoder", "transfer"], monitor=True)
+    assert cells(monitored)["ioi"].unchecked == ["evasive_encoder", "random_search"]
+    text = _suite_cell(cells(monitored)["ioi"], tmp_path)
+    assert "**unchecked**: evasive_encoder, random_search" in text and "abstains on 4.0% of control" in text
+
+
+def test_the_goal_line_names_a_defense_only_when_two_checked_suites_hold(tmp_path):
+    from benchmark.reporting.leaderboard import goal_status
+
+    def runs(defense: str, modes: list[str], budget: float | None = None) -> list:
+        return [(tmp_path / f"{defense}-{suite}-{m}.json", _record(defense, suite, m, budget=budget))
+                for suite in ("ioi", "tpp") for m in modes]
+
+    unchecked = standings(runs("strong", ["encoder"]) + runs("weak", ["encoder"], budget=0.001))
+    line = goal_status(unchecked)
+    assert "Not reached by any defense. Closest: strong" in line and "unchecked: transfer, random_search" in line
+    assert "(2 counted suites at or above 50%, 0 of them checked" in line
+    checked = standings(runs("strong", ["encoder", "transfer", "random_search"]))
+    assert goal_status(checked).endswith("Reached by: strong.")

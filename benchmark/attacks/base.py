@@ -20,6 +20,9 @@ by more than one forward pass (``TaskSuite.confirms``: generation) stops on its 
 each example is then re-judged with :meth:`TaskSuite.score` under its final ``delta``, and that judgement is its
 ``b_attacked``, which decides: an example the judge does not confirm is not recovered, and one the judge finds
 recovered although its margin never rose above 0 is recovered at the budget of its final ``delta``.
+
+Against a defense that abstains on a monitor (:meth:`Defense.abstains`), a flagged input gets the abstaining model's
+null readout (behavior score 0), so an example counts as recovered only where the monitor lets it through.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from benchmark.errors import BenchmarkError, NonFiniteError
 from benchmark.modeling.forward import Prefill
 from benchmark.modeling.models import LoadedModel
 from benchmark.registry import Registry
-from defenses.base import Defense
+from defenses.base import Defense, abstained
 from tasks.base import PromptBatch, TaskSuite
 
 POSITIONS = ("all", "last")
@@ -119,6 +122,7 @@ class ExampleOutcome:
     jacobian_rank: int | None = None  # rank of the cross-site subspace removed (attack jacobian)
     jacobian_exact: bool | None = None  # whether that subspace came from the exact Jacobian
     jacobian_residual: float | None = None  # mean ||J P v|| / ||J v|| (exact J), None if not measurable
+    flagged: bool | None = None  # whether the defense's monitor flagged the final attacked input; None: no monitor
 
 
 @dataclass
@@ -355,6 +359,8 @@ class RecoveryAttack(ABC):
             read, seen_att = self.forward(sub, d, h_site=h_site, pre=pre)
             b = self.task.behavior(read, sub).detach()
             self._check_finite(b, sub.ids, "the behavior score under attack", "the model's output or the suite's score")
+            flags = self.defense.abstains(seen_att, sub.token_mask)
+            b = abstained(b, flags)  # a flagged input gets the abstaining model's null readout
             reads = self._readouts(seen_att)
             newly = b > 0
             finish = newly | exhausted[idx]
@@ -362,7 +368,8 @@ class RecoveryAttack(ABC):
                 if finish[r]:
                     done[i] = self._outcome(chunk, i, delta, reads, r, b_attacked=float(b[r]),
                                             recovered=bool(newly[r]), steps_used=int(steps_used[i]),
-                                            recovery_budget=float(last_eps[i]) if newly[r] else None)
+                                            recovery_budget=float(last_eps[i]) if newly[r] else None,
+                                            flagged=None if flags is None else bool(flags[r]))
                     active[i] = False
                     bar.update(1)
             if bool(finish.all()):
@@ -387,13 +394,20 @@ class RecoveryAttack(ABC):
             at_level[leave], recent[leave] = 0, math.nan
             bar.set_postfix(eps=float(eps.max()), active=int(active.sum()), updates=self.updates)
         outcomes = [done[i] for i in sorted(done)]
-        if self.task.confirms:  # the judge decides (recovered = b_attacked > 0), whatever the margin said
-            judged = self.confirm(chunk, delta)
-            for o in outcomes:
-                o.b_attacked = float(judged[o.index])
-                o.recovered = o.b_attacked > 0
-                o.recovery_budget = float(last_eps[o.index]) if o.recovered else None
+        self.judge(chunk, delta, outcomes, last_eps)
         return outcomes
+
+    def judge(self, chunk: Chunk, delta: Tensor, outcomes: list[ExampleOutcome], budgets: Tensor) -> None:
+        """On a suite judged by more than one pass (``confirms``), make each outcome's ``b_attacked`` the judged
+        score under ``delta`` [n, q, d]: the judge decides (recovered = b_attacked > 0), whatever the margin said,
+        at the budget ``budgets`` [n] gives its example. Nothing to do on other suites."""
+        if not self.task.confirms:
+            return
+        judged = self.confirm(chunk, delta)
+        for o in outcomes:
+            o.b_attacked = float(judged[o.index])
+            o.recovered = o.b_attacked > 0
+            o.recovery_budget = float(budgets[o.index]) if o.recovered else None
 
 
 def _cat(parts: list[Tensor]) -> Tensor:

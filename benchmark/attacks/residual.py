@@ -27,14 +27,14 @@ import torch
 from torch import Tensor
 
 import benchmark.attacks.cross_site as cross_site
-from benchmark.attacks.base import (Adam, AttackConfig, Chunk, RecoveryAttack, attacked_positions,
+from benchmark.attacks.base import (Adam, AttackConfig, Chunk, ExampleOutcome, RecoveryAttack, attacked_positions,
                                     clip_per_position)
 from benchmark.errors import BenchmarkError
 from benchmark.modeling import sae_math
-from benchmark.modeling.forward import (Edit, EditedForward, Prefill, add, capture, compose, defense_edits, run_edited,
-                                        run_task)
+from benchmark.modeling.forward import (Edit, EditedForward, Prefill, add, capture, compose, defense_edits,
+                                        monitor_flags, run_task, site_inputs)
 from benchmark.modeling.models import LoadedModel
-from defenses.base import Defense
+from defenses.base import Defense, abstained
 from tasks.base import PromptBatch, TaskSuite
 
 CLIP_ROUNDS = 5  # project / per-position clip alternations with a cross-site basis before the final uniform shrink
@@ -127,27 +127,36 @@ class ResidualAttack(RecoveryAttack):
     def confirm(self, chunk: Chunk, delta: Tensor) -> Tensor:
         forward = EditedForward(self.model, self.task, lambda b: self.attacked_edits(b, delta))
         with torch.no_grad():
-            return self.task.score(forward, chunk.batch)
+            judged = self.task.score(forward, chunk.batch)
+        return abstained(judged, monitor_flags(self.model, self.defense, chunk.batch,
+                                               self.attacked_edits(chunk.batch, delta)))
 
     # -- per chunk set-up ----------------------------------------------------------------------------------------
 
     def prepare(self, batch: PromptBatch) -> Chunk:
         """The chunk's reference norms (the residual at the site before the defense acts there), masks, defended
         readouts and, when the blocks below the site can be skipped, that residual."""
-        seen = self._site_inputs(batch, self.attacked_edits(batch, None))
+        seen = site_inputs(self.model, batch, self.attacked_edits(batch, None))
         pos_mask = attacked_positions(batch, self.cfg.positions)
         return Chunk(batch, seen[self.layer].norm(dim=-1), pos_mask, batch.attention_mask.bool(),
                      self._readouts(seen), seen[self.layer].detach() if self.reuses_prefix else None)
 
-    @torch.no_grad()
-    def _site_inputs(self, batch: PromptBatch, edits: dict[int, Edit]) -> dict[int, Tensor]:
-        """Every edited site's input [b, p, d] with ``edits`` (no ``delta``), from a pass that stops at the last
-        of them (nothing above it is read); empty without edits."""
-        seen: dict[int, Tensor] = {}
-        if edits:
-            captured = {L: compose(capture(seen, L), e) for L, e in edits.items()}
-            run_edited(self.model, batch, captured, read_layer=max(edits))
-        return seen
+    def settle(self, chunk: Chunk, delta: Tensor, steps_used: Tensor, budgets: Tensor) -> list[ExampleOutcome]:
+        """Outcomes, in row order, of an attack that chose ``delta`` [n, p, d] for the chunk without the shared loop
+        (a search, a replay): one defended pass judges every example under it (a flagged input gets the null
+        readout), recovered where the score is > 0, at the budget ``budgets`` [n] gives it, after ``steps_used`` [n]
+        updates; the suite's judge decides where it has one (:meth:`judge`)."""
+        with torch.no_grad():
+            read, seen = self.forward(chunk.batch, delta, h_site=chunk.h_site)
+            flags = self.defense.abstains(seen, chunk.batch.token_mask)
+            b = abstained(self.task.behavior(read, chunk.batch), flags)
+        reads = self._readouts(seen)
+        outcomes = [self._outcome(chunk, i, delta, reads, i, b_attacked=float(b[i]), recovered=bool(b[i] > 0),
+                                  steps_used=int(steps_used[i]),
+                                  recovery_budget=float(budgets[i]) if b[i] > 0 else None,
+                                  flagged=None if flags is None else bool(flags[i])) for i in range(len(b))]
+        self.judge(chunk, delta, outcomes, budgets)
+        return outcomes
 
     def c1_change(self, chunk: Chunk, i: int, att: dict[int, Tensor]) -> float | None:
         """Largest change of a defended pre-activation at the attacked site over the RMS of those values."""

@@ -378,6 +378,28 @@ def _capture_stores(edits: dict[int, Edit]) -> list[dict]:
 
 
 @torch.no_grad()
+def site_inputs(model: LoadedModel, batch: PromptBatch, edits: dict[int, Edit],
+                prefix: tuple[int, Tensor] | None = None) -> dict[int, Tensor]:
+    """Every edited site's input [b, p, d] with ``edits``, from a pass that stops at the last of them (nothing above
+    it is read); empty without edits. ``prefix``: as :func:`run_edited`'s."""
+    seen: dict[int, Tensor] = {}
+    if edits:
+        captured = {L: compose(capture(seen, L), e) for L, e in edits.items()}
+        run_edited(model, batch, captured, read_layer=max(edits), prefix=prefix)
+    return seen
+
+
+def monitor_flags(model: LoadedModel, defense: Defense, batch: PromptBatch, edits: dict[int, Edit],
+                  prefix: tuple[int, Tensor] | None = None) -> Tensor | None:
+    """[b] bool: the inputs of ``batch`` on which ``defense`` abstains (:meth:`Defense.abstains`) in a pass with
+    ``edits`` (the defense's own, and an attack's ``delta`` where there is one); None, and no pass, for a defense
+    without a monitor."""
+    if not defense.monitor_sites:
+        return None
+    return defense.abstains(site_inputs(model, batch, edits, prefix), batch.token_mask)
+
+
+@torch.no_grad()
 def next_token_kl(model: LoadedModel, batch: PromptBatch, edits_for: Callable[[PromptBatch], dict[int, Edit]],
                   chunk: int = 16, residuals: ResidualStore | None = None) -> float:
     """Mean KL(base || edited) of the next-token distribution over every real position of ``batch``.

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmark.running.battery import SUITES as RANKED_SUITES
-from benchmark.running.metrics import (HEADLINE_BUDGET, MIN_FLIPS, SIDE_EFFECT_CAP, robust_suppression_at,
-                               robust_suppression_auc)
+from benchmark.running.metrics import (HEADLINE_BUDGET, HOLDS, MIN_FLIPS, SIDE_EFFECT_CAP, robust_suppression_at,
+                                       robust_suppression_auc)
 from benchmark.running.records import comparable, schema
 
 #: the threat model of each attack of a record that does not state one (records written before attacks declared it)
@@ -108,6 +108,18 @@ class Cell:
     def attacks(self) -> list[str]:
         """The attacks this cell was checked against."""
         return [r["attack"]["mode"] for _, r in self.entries]
+
+    @property
+    def unchecked(self) -> list[str]:
+        """The adaptive attacks (DESIGN.md, "Adaptive attacks") this cell still lacks a record of: against a defense
+        that abstains on a monitor (a gate, whose gradient is zero), the evasion attack with its smoothed surrogate;
+        against it and against any cell that holds at the headline budget (robust suppression >= :data:`HOLDS`), the
+        gradient-free checks, the transfer of ``sae_clamp``'s deltas and the random search."""
+        monitored = "monitor_fpr_test" in self.record["metrics"]
+        holds = self.score.headline is not None and self.score.headline >= HOLDS
+        needed = [*(["evasive_encoder"] if monitored else []),
+                  *(["transfer", "random_search"] if monitored or holds else [])]
+        return [a for a in needed if a not in self.attacks]
 
     @property
     def flips(self) -> int:

@@ -1,8 +1,8 @@
 """The full battery on the default model: its plan and how much of it has records.
 
 The plan (:data:`PLAN`) runs every built-in defense and the example submission against every suite it fits, with
-its constrained attack (encoder; jacobian for the multi-site clamp), the unconstrained ``none`` attack and the
-soft-suffix baseline. Each :class:`Step` is one ``benchmark evaluate``; ``benchmark battery`` runs them in order
+its constrained attack (encoder; jacobian for the multi-site clamp; the adaptive attacks for a defense that abstains
+on a monitor), the unconstrained ``none`` attack and the soft-suffix baseline. Each :class:`Step` is one ``benchmark evaluate``; ``benchmark battery`` runs them in order
 with ``--keep-existing`` (so a battery is filled in over several sessions or machines, and a deleted record runs
 again), and the leaderboard shows the plan's coverage (:func:`coverage`), so a missing run is visible, not silent.
 """
@@ -19,9 +19,12 @@ from benchmark.running.records import RECORDS_DIR, REPO_ROOT, record_path
 
 SUITES = ("tpp", "wmdp_bio", "ioi", "refusal")
 BASELINES = ("none", "soft_suffix")  # unconstrained, and no residual access
+#: the attacks that adapt to a defense with non-differentiable parts: an evasion term through a smoothed surrogate,
+#: and two that need no gradient of the defense (DESIGN.md, "Adaptive attacks")
+ADAPTIVE = ("evasive_encoder", "transfer", "random_search")
 #: defenses that fit on any suite (a submission folder is named by its path from the repository root)
 GENERIC = ("sae_clamp", "error_projection_clamp", "sae_reconstruct_clamp", "directional_ablation", "none",
-           "submissions/decoder_span_ablation")
+           "submissions/decoder_span_ablation", "adversarial_projection_clamp")
 #: the multi-site clamp's default layers are 8, 12 and 16; TPP reads the residual after block 12, so there 8 and 12
 MULTI_TPP = ("layers=[8,12]",)
 #: the jacobian attack's cross-site basis grows with batch x prompt length: on TPP's long abstracts a chunk of 64
@@ -80,6 +83,8 @@ PLAN: tuple[Step, ...] = (
     *(Step(d, SUITES, BASELINES) for d in GENERIC),
     Step("multi_layer_clamp", ("wmdp_bio", "ioi", "refusal"), ("encoder", *BASELINES)),
     Step("multi_layer_clamp", ("tpp",), ("encoder", *BASELINES), MULTI_TPP),
+    # a defense that abstains on a monitor, with the attacks that adapt to it (issue 18)
+    Step("error_monitor", SUITES, ("encoder", *ADAPTIVE, *BASELINES)),
 )
 
 

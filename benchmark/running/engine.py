@@ -17,8 +17,8 @@ from benchmark import __version__
 from benchmark.attacks import ATTACKS, AttackConfig, ExampleOutcome, RecoveryAttack, ResidualAttack, build_attack
 from benchmark.modeling.base_residuals import BaseResiduals
 from benchmark.errors import BenchmarkError, NonFiniteError
-from benchmark.modeling.forward import (capture, compose, defense_edits, next_token_kl, residual_prefix, run_edited, run_task,
-                               task_forward)
+from benchmark.modeling.forward import (capture, compose, defense_edits, monitor_flags, next_token_kl, residual_prefix,
+                                        run_edited, run_task, task_forward)
 from benchmark.running.metrics import is_valid_flip
 from benchmark.modeling.models import LoadedModel, dtype_name, load_model
 from benchmark.running.records import (PATH_FIELDS, RECORDS_DIR, SCHEMA_VERSION, git_state, load_record, provenance,
@@ -28,7 +28,7 @@ from benchmark.running.replay import PARTS, margin_shares, replay_parts, stack_d
 from benchmark.modeling.saes import LoadedSAE
 from benchmark.running.shards import (WHOLE, PartialRun, Shard, chunk_rows, fingerprint, partial_path,
                                       recorded_fingerprint)
-from defenses.base import DEFENSES, Defense, FitContext
+from defenses.base import DEFENSES, Defense, FitContext, abstained
 from tasks.base import TASKS, PromptBatch, TaskSuite
 
 
@@ -46,12 +46,14 @@ def shared_prefix(model: LoadedModel, task: TaskSuite, defense: Defense) -> Base
 def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, defense: Defense | None,
                     chunk: int = 64, residuals: BaseResiduals | None = None) -> Tensor:
     """Judged behavior score [b] of every example (:meth:`TaskSuite.score`), with the defense active when given
-    (starting from ``residuals`` when given, see :func:`shared_prefix`); without a defense, the suite's
-    :meth:`TaskSuite.known_base_scores` when it has them."""
+    (starting from ``residuals`` when given, see :func:`shared_prefix`; 0, a null readout, where its monitor makes it
+    abstain); without a defense, the suite's :meth:`TaskSuite.known_base_scores` when it has them."""
     known = task.known_base_scores(batch) if defense is None else None
     if known is None:
         forward = task_forward(model, task, lambda part: defense_edits(defense, part), residuals)
         known = batch.map_length_chunks(chunk, lambda part: task.score(forward, part))
+        if defense is not None and defense.monitor_sites:  # an input the monitor flags gets a null readout
+            known = abstained(known, clean_flags(model, defense, batch, chunk, residuals))
     bad = ~torch.isfinite(known)
     if bool(bad.any()):
         who = "the undefended model" if defense is None else f"defense '{defense.name}' (sites {defense.sites})"
@@ -59,6 +61,15 @@ def behavior_scores(model: LoadedModel, task: TaskSuite, batch: PromptBatch, def
                              [batch.ids[i] for i in bad.nonzero()[:, 0].tolist()],
                              "usually the model's output or the suite's score function", suite=task.name)
     return known
+
+
+@torch.no_grad()
+def clean_flags(model: LoadedModel, defense: Defense, batch: PromptBatch, chunk: int = 64,
+                residuals: BaseResiduals | None = None) -> Tensor:
+    """[b] bool: the inputs of ``batch`` (clean: no attack) on which ``defense``'s monitor makes it abstain; their
+    share on the suite's test and control inputs is the monitor's false-positive rate."""
+    return batch.map_length_chunks(chunk, lambda part: monitor_flags(
+        model, defense, part, defense_edits(defense, part), residual_prefix(residuals, part)))
 
 
 @torch.no_grad()
@@ -197,7 +208,8 @@ def _run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg: Attac
         return load_record(path), path
     run.measure()
     partial = PartialRun.resume(partial_path(path, shard), run_id, shard, run.n_chunks, run.head,
-                                lambda seconds: provenance(seconds, command, git, run_id, model), started)
+                                lambda seconds: provenance(seconds, command, git, run_id, model, run.fit_seconds),
+                                started)
     for c in partial.todo():
         with _phase(f"chunk {c + 1} of {run.n_chunks}"):
             partial.add(c, run.chunk(c, progress))
@@ -231,6 +243,7 @@ class PreparedRun:
     residuals: BaseResiduals | None
     head: dict
     limit: int | None
+    fit_seconds: float | None = None  # how long fitting the defense took (provenance.fit_seconds)
 
     @property
     def n_chunks(self) -> int:
@@ -247,6 +260,10 @@ class PreparedRun:
             self.head["side_effect"] = (next_token_kl(model, control, defended, residuals=residuals)
                                         if defense.sites else 0.0)
             self.head["defense_edit_rel"] = defense_edit_size(model, defense, self.test, residuals=residuals)
+            if defense.monitor_sites:
+                self.head["monitor"] = {f"monitor_fpr_{name}": float(clean_flags(model, defense, inputs,
+                                                                                 residuals=residuals).float().mean())
+                                        for name, inputs in (("test", self.test), ("control", control))}
             self.head["task_metrics"] = task.task_metrics(task_forward(model, task, lambda part: {}, residuals),
                                                           task_forward(model, task, defended, residuals))
 
@@ -265,10 +282,12 @@ def prepare_run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg
     with _phase("prepare task"):
         task.prepare(model)
     with _phase("fit defense"):
+        fit_started = time.time()
         ctx = FitContext(model, task, sae_dir)
         defense.fit(ctx)
         for layer in defense.sites:
             ctx.check_site(layer)
+        fit_seconds = time.time() - fit_started
     test = task.encode(task.examples("test")[:limit])
     residuals = shared_prefix(model, task, defense)
     with _phase("score base and defended"):
@@ -279,7 +298,7 @@ def prepare_run(model: LoadedModel, defense: Defense, task_name: str, attack_cfg
     flips = test.select([r for r in test.length_order() if is_valid_flip(scored[r]["b_base"], scored[r]["b_defended"])])
     attack = build_attack(model, defense, task, attack_cfg) if len(flips) else None
     head = run_head(model, defense, task, attack_cfg, attack, scored, limit)
-    return PreparedRun(model, task, defense, attack_cfg, test, flips, attack, residuals, head, limit)
+    return PreparedRun(model, task, defense, attack_cfg, test, flips, attack, residuals, head, limit, fit_seconds)
 
 
 def run_head(model: LoadedModel, defense: Defense, task: TaskSuite, cfg: AttackConfig,
@@ -375,7 +394,8 @@ def _result(example_id: str, o: ExampleOutcome, path: dict) -> dict:
             "recovery_budget": o.recovery_budget, "delta_rel": o.delta_rel, "drift_abs": o.drift_abs,
             "drift_rel": o.drift_rel, "reactivation": o.reactivation, "c1_change": o.c1_change,
             "jacobian_residual_drift": o.jacobian_residual, **{k: path.get(k) for k in PATH_FIELDS},
-            "h_norm_mean": o.h_norm_mean, "jacobian_rank": o.jacobian_rank, "jacobian_exact": o.jacobian_exact}
+            "h_norm_mean": o.h_norm_mean, "jacobian_rank": o.jacobian_rank, "jacobian_exact": o.jacobian_exact,
+            "flagged": o.flagged}
 
 
 def _describe_sae(sae: LoadedSAE) -> dict:

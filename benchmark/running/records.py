@@ -20,7 +20,7 @@ import torch
 from benchmark.errors import BenchmarkError
 from benchmark.files import write_json_atomic
 from benchmark.modeling.models import LoadedModel, dtype_name
-from benchmark.running.metrics import budget_curve, is_valid_flip, summarize
+from benchmark.running.metrics import budget_curve, is_valid_flip, monitor_detection_rate, summarize
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "run_record.schema.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -126,6 +126,8 @@ ATTACK_FIELDS = ("b_attacked", "recovered", "steps_used", "recovery_budget", "de
 SHARE_FIELDS = tuple(f"{prefix}share_{part}" for prefix in ("", "margin_") for part in ("error", "latent", "defended"))
 MARGIN_FIELDS = ("margin_target", "margin_b", "margin_replay_error", "margin_replay_latent")
 PATH_FIELDS = ("residual_replay", "latent_replay", *SHARE_FIELDS, *MARGIN_FIELDS)
+#: per-example fields a row has only against a defense with a monitor
+MONITOR_FIELDS = ("flagged",)
 
 
 def _row(scored: dict, result: dict | None) -> dict:
@@ -138,7 +140,7 @@ def _row(scored: dict, result: dict | None) -> dict:
             raise BenchmarkError(f"attack result for '{result['id']}' where '{scored['id']}' was expected; "
                                  "the partial run does not belong to these scores: delete it and run again")
         row.update({k: result[k] for k in ATTACK_FIELDS})
-        row.update({k: result[k] for k in (*SHARE_FIELDS, *MARGIN_FIELDS) if result.get(k) is not None})
+        row.update({k: result[k] for k in (*SHARE_FIELDS, *MARGIN_FIELDS, *MONITOR_FIELDS) if result.get(k) is not None})
     return row
 
 
@@ -178,6 +180,8 @@ def build_record(head: dict, results: list[dict], provenance: dict,
         "residual": sum(r["residual_replay"] for r in replayed) / len(replayed),
         "latent": sum(r["latent_replay"] for r in replayed) / len(replayed)}
     counts, metrics = summarize(rows, head["side_effect"], head["defense_edit_rel"], replay, head["attack"]["eps_sweep"])
+    if "monitor" in head:  # a defense that abstains on its monitor: its false-positive and detection rates
+        metrics.update(head["monitor"], monitor_detection_rate=monitor_detection_rate(rows))
     record = {k: head[k] for k in ("schema_version", "benchmark_version", "model", "saes", "defense", "task")}
     record.update(attack=attack_section(head["attack"], results), counts=counts, metrics=metrics,
                   budget_curve=budget_curve(rows, head["attack"]["eps_sweep"]), examples=rows, provenance=provenance)
@@ -268,9 +272,10 @@ def machine(model: LoadedModel | None = None) -> dict:
 
 
 def provenance(wall_seconds: float, command: str, git: tuple[str, bool], fingerprint: str | None = None,
-               model: LoadedModel | None = None) -> dict:
+               model: LoadedModel | None = None, fit_seconds: float | None = None) -> dict:
     """Where and how a run was made; ``git`` is :func:`git_state` taken when the run started, ``fingerprint``
-    the run's (:func:`benchmark.running.shards.fingerprint`), ``model`` the model it ran (its device and dtype)."""
+    the run's (:func:`benchmark.running.shards.fingerprint`), ``model`` the model it ran (its device and dtype),
+    ``fit_seconds`` how long fitting the defense took."""
     commit, dirty = git
     out = {
         "git_commit": commit,
@@ -283,4 +288,6 @@ def provenance(wall_seconds: float, command: str, git: tuple[str, bool], fingerp
     }
     if fingerprint is not None:
         out["fingerprint"] = fingerprint
+    if fit_seconds is not None:
+        out["fit_seconds"] = round(fit_seconds, 1)
     return out
