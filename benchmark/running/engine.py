@@ -256,7 +256,8 @@ class PreparedRun:
         with _phase("side effect, edit size and task metrics"):
             defended = lambda part: defense_edits(defense, part)  # noqa: E731
             control = task.control_batch()
-            control = control.select(list(range(min(self.limit or len(control), len(control)))))
+            if self.limit is not None and self.limit < len(control):
+                control = control.select(list(range(self.limit)))
             self.head["side_effect"] = (next_token_kl(model, control, defended, residuals=residuals)
                                         if defense.sites else 0.0)
             self.head["defense_edit_rel"] = defense_edit_size(model, defense, self.test, residuals=residuals)
