@@ -488,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     tr.add_argument("--center", action="store_true", help="train on residuals less their mean (folded back into the "
                                                           "biases after): for residuals with a large constant part")
-    tr.add_argument("--out", help="folder to write layer_<L>/ SAEs to (default: saes/<model>)")
+    tr.add_argument("--out", help="folder to write layer_<L>/ SAEs to (default: saes/<model>); SAEs of other "
+                                   "layers already there stay, and the report lists each training run")
     tr.add_argument("--note", help="why this budget (or anything a reader of the report should know), "
                                               "printed in REPORT.md")
     tr.set_defaults(func=cmd_train_saes)

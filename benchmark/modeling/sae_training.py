@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmark.errors import BenchmarkError
+from benchmark.files import write_json_atomic
 from benchmark.modeling.data_sources import sae_probes_texts
 from benchmark.modeling.models import DEFAULT_MODEL, LoadedModel, load_model
 
@@ -252,21 +254,24 @@ def _next_token_losses(model: LoadedModel, layer: int, sae, seqs) -> tuple[float
 
 def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = DEFAULT_MODEL, note: str = "") -> dict:
     """Collect activations once for all layers, train one SAE per layer, save its weights (float16 where they fit)
-    and a report (with ``note``, why this budget, where given)."""
+    and a report (with ``note``, why this budget, where given).
+
+    A folder that already holds SAEs of the same model file keeps them: the new layers join its report as another
+    run (its own config, note and times), so SAEs trained at different budgets sit side by side and the report says
+    which run made each. Retraining a layer the folder has replaces it."""
     started = time.time()
     model = load_model(model_name, device="cpu")  # the trainer keeps its batches and generator on the CPU
+    report = _existing_report(out_dir, model.name, model.revision)
     seqs = build_corpus(model.tokenizer, cfg)
     n_held = max(1, int(len(seqs) * cfg.heldout_tokens / (cfg.train_tokens + cfg.heldout_tokens)))
     heldout_seqs, train_seqs = seqs[:n_held], seqs[n_held:]
     print(f"{len(train_seqs)} training sequences, {len(heldout_seqs)} held out", flush=True)
     train_acts = collect_residuals(model, train_seqs, cfg.layers)
     held_acts = collect_residuals(model, heldout_seqs, cfg.layers)
-    collect_s = time.time() - started
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"config": asdict(cfg), "model": model.name, "model_revision": model.revision,
-              "chat_template": bool(getattr(model.tokenizer, "chat_template", None)),
-              "threads": torch.get_num_threads(), **({"note": note} if note else {}),
-              "collect_seconds": round(collect_s, 1), "saes": {}}
+    run = {"config": asdict(cfg), "threads": torch.get_num_threads(), **({"note": note} if note else {}),
+           "collect_seconds": round(time.time() - started, 1)}
+    report["runs"].append(run)
     for layer in cfg.layers:
         t0 = time.time()
         hook = f"{model.site_map.block_path(layer)}.output"
@@ -281,6 +286,7 @@ def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = DEFA
             tokens_seen=cfg.steps * cfg.batch_size,
             heldout_tokens=int(held_acts[layer].shape[0]),
             train_seconds=round(time.time() - t0, 1),
+            run=len(report["runs"]) - 1,
         )
         target = out_dir / f"layer_{layer}"
         dtype = _compact(torch.cat([p.detach().flatten() for p in sae.parameters()])).dtype
@@ -290,11 +296,37 @@ def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = DEFA
         sae.save_model(target)
         report["saes"][f"layer_{layer}"] = stats
         print(f"layer {layer}: {json.dumps(stats)}", flush=True)
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    report["total_seconds"] = round(time.time() - started, 1)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(out_dir / "report.json", report)
+    run["total_seconds"] = round(time.time() - started, 1)
+    write_json_atomic(out_dir / "report.json", report)
     write_report_markdown(out_dir)
     return report
+
+
+def _existing_report(out_dir: Path, model: str, revision: str) -> dict:
+    """The report of the SAEs already in ``out_dir`` (as runs), or a new one; refuses SAEs of another model file."""
+    path = out_dir / "report.json"
+    if not path.exists():
+        return {"model": model, "model_revision": revision, "runs": [], "saes": {}}
+    report = as_runs(json.loads(path.read_text()))
+    if report["model_revision"] != revision:
+        raise BenchmarkError(
+            f"{out_dir} holds SAEs of {report['model']} at {report['model_revision']}, not of this model file "
+            f"({revision}): train into another folder (--out)")
+    return report
+
+
+def as_runs(report: dict) -> dict:
+    """A report in the current form (``runs``: one entry per training command, each SAE naming its ``run``) from
+    either form; reports written before SAEs could be added to a folder held one run at the top level."""
+    if "runs" in report:
+        return report
+    run_keys = ("config", "threads", "note", "collect_seconds", "total_seconds")
+    run = {k: report[k] for k in run_keys if k in report}
+    out = {k: v for k, v in report.items() if k not in run_keys}
+    out["runs"] = [run]
+    out["saes"] = {name: {**s, "run": 0} for name, s in report["saes"].items()}
+    return out
 
 
 def _rebuild_options(model: str, cfg: dict) -> str:
@@ -320,34 +352,50 @@ def write_report_markdown(out_dir: Path) -> Path:
     """Render ``report.json`` (written by training) as ``REPORT.md`` beside the weights."""
     from tabulate import tabulate
 
-    report = json.loads((out_dir / "report.json").read_text())
-    cfg = report["config"]
+    report = as_runs(json.loads((out_dir / "report.json").read_text()))
+    runs = report["runs"]
     rows = [[name, s["architecture"], s["width"], s["train_tokens"], s["tokens_seen"], s["l0"], s["fvu"],
              f"{100 * s['dead_share']:.2f}%", s["loss_clean"], s["loss_spliced"], f"+{s['loss_increase']:.3f}",
-             f"{100 * s['loss_recovered_share']:.1f}%", s["train_seconds"]]
-            for name, s in report["saes"].items()]
+             f"{100 * s['loss_recovered_share']:.1f}%", s["train_seconds"], *([s["run"] + 1] if len(runs) > 1 else [])]
+            for name, s in sorted(report["saes"].items(), key=lambda kv: int(kv[0].removeprefix("layer_")))]
     headers = ["SAE", "architecture", "width", "training tokens", "tokens seen", "L0", "FVU", "dead latents",
-               "loss clean", "loss spliced", "loss increase (nats)", "loss gap recovered vs zero", "train s"]
+               "loss clean", "loss spliced", "loss increase (nats)", "loss gap recovered vs zero", "train s",
+               *(["run"] if len(runs) > 1 else [])]
+    sections = []
+    for i, run in enumerate(runs):
+        cfg = run["config"]
+        layers = [int(n.removeprefix("layer_")) for n, s in report["saes"].items() if s["run"] == i]
+        if not layers:  # every SAE of this run was retrained by a later one
+            continue
+        heading = [f"## Run {i + 1}: layers {', '.join(map(str, layers))}", ""] if len(runs) > 1 else []
+        sections += [
+            *heading,
+            f"Config: `{json.dumps(cfg)}`. Activation collection {run['collect_seconds']} s; total "
+            f"{run.get('total_seconds', 'n/a')} s on {_where(run)} (times include whatever else shared the cores "
+            "during the run).",
+            "",
+            *([run["note"], ""] if run.get("note") else []),
+            "Rebuild (weights are written in float16 where every value fits it, else float32):",
+            "",
+            "```",
+            "HF_HUB_OFFLINE=1 .venv/bin/benchmark train-saes " + _rebuild_options(report["model"], {**cfg, "layers": layers}),
+            "```",
+            "",
+        ]
     text = "\n".join([
         f"# Reference SAEs for {report['model']}",
         "",
         "Generated from `report.json` by `benchmark train-saes`; held-out figures are on text never used in "
         "training. Position 0 (the attention sink) is excluded everywhere. `loss gap recovered` compares the "
-        "spliced loss with zero-ablating the layer's residual.",
+        "spliced loss with zero-ablating the layer's residual."
+        + (" The SAEs come from several training commands (runs), each with its own budget, below." if len(runs) > 1
+           else ""),
         "",
         tabulate(rows, headers=headers, tablefmt="github"),
         "",
-        f"Model revision: `{report['model_revision']}`. Config: `{json.dumps(cfg)}`. Activation collection "
-        f"{report['collect_seconds']} s; total {report.get('total_seconds', 'n/a')} s on "
-        f"{_where(report)} (times include whatever else shared the cores during the run).",
+        f"Model revision: `{report['model_revision']}`.",
         "",
-        *([report["note"], ""] if report.get("note") else []),
-        "Rebuild (weights are written in float16 where every value fits it, else float32):",
-        "",
-        "```",
-        "HF_HUB_OFFLINE=1 .venv/bin/benchmark train-saes " + _rebuild_options(report["model"], cfg),
-        "```",
-        "",
+        *sections,
     ])
     target = out_dir / "REPORT.md"
     target.write_text(text)
