@@ -12,5 +12,7 @@ from defenses import probe_ablation as _probe_ablation  # noqa: F401  (registers
 from defenses import refusal_steering as _refusal_steering  # noqa: F401  (registers "refusal_steering")
 from defenses import error_monitor as _error_monitor  # noqa: F401  (registers "error_monitor")
 from defenses import adversarial_projection_clamp as _adversarial  # noqa: F401  ("adversarial_projection_clamp")
+from defenses import trajectory_clamp as _trajectory_clamp  # noqa: F401  (registers "trajectory_clamp")
+from defenses import concept_scrubbing as _concept_scrubbing  # noqa: F401  (registers "concept_scrubbing")
 
 __all__ = ["DEFENSES", "Defense", "FitContext", "SAEFeatureDefense"]

@@ -14,8 +14,9 @@ from defenses import DEFENSES, FitContext
 from defenses.sae_clamp import SAEClamp
 
 FEATS = [3, 17, 40, 99]
-BUILT_INS = ["adversarial_projection_clamp", "directional_ablation", "error_monitor", "error_projection_clamp", "multi_layer_clamp", "none",
-             "sae_clamp", "sae_reconstruct_clamp"]
+BUILT_INS = ["adversarial_projection_clamp", "concept_scrubbing", "directional_ablation", "error_monitor",
+             "error_projection_clamp", "multi_layer_clamp", "none", "sae_clamp", "sae_reconstruct_clamp",
+             "trajectory_clamp"]
 
 
 def _fit(tiny_model, tiny_dir, ioi, name, **params):
@@ -183,8 +184,12 @@ ENGINE_PARAMS = {
     "adversarial_projection_clamp": {"layer": 2, "k": 8, "value": -4.0, "rounds": 2, "fit_examples": 8,
                                      "fit_eps": [0.05, 0.5], "fit_steps": 4},
     "directional_ablation": {"layer": 2},
+    "trajectory_clamp": {"first_layer": 1, "k": 8, "value": -4.0},
+    "concept_scrubbing": {"first_layer": 1},
     "none": {},
 }
+#: the sites each engine run defends (the tiny model has blocks 0-3; IOI reads the logits after block 3)
+ENGINE_SITES = {"multi_layer_clamp": [1, 2], "trajectory_clamp": [1, 2, 3], "concept_scrubbing": [1, 2, 3]}
 
 
 @pytest.mark.parametrize("name", sorted(ENGINE_PARAMS))
@@ -204,10 +209,12 @@ def test_each_builtin_runs_through_the_engine(tiny_model, tiny_dir, tmp_path, na
         return
     assert counts["valid_flips"] > 0, "the tiny setup gives every real defense something to suppress"
     assert metrics["c1_max_preact_change"] < 1e-4
-    if name == "directional_ablation":
+    sites = ENGINE_SITES.get(name, [2])
+    assert [d["site"]["layer"] for d in record["defense"]["defended"]] == sites
+    if name in ("directional_ablation", "concept_scrubbing"):
         assert record["saes"] == [] and metrics["latent_replay_recovery"] is None
     else:
-        assert [s["site"]["layer"] for s in record["saes"]] == sorted(ENGINE_PARAMS[name].get("layers", [2]))
+        assert [s["site"]["layer"] for s in record["saes"]] == sites
 
 
 @pytest.mark.parametrize("name", BUILT_INS)
@@ -215,8 +222,92 @@ def test_each_builtin_edit_is_causal(tiny_model, tiny_dir, ioi, name):
     """The edit of a prefix is the prefix of the edit (generation with a key/value cache relies on it)."""
     d = _fit(tiny_model, tiny_dir, ioi, name, **ENGINE_PARAMS.get(name, {"layer": 2, "k": 8}))
     h, mask = _h_and_mask()
+    edited = []
     for L in d.sites:
         full = d.edit(L, h, mask)
         assert torch.allclose(d.edit(L, h[:, :3], mask[:, :3]), full[:, :3], atol=1e-5)
-        if name != "none":
-            assert not torch.allclose(full, h), "the check must see an edit"
+        edited.append(not torch.allclose(full, h))
+    if name != "none":
+        assert any(edited), "the check must see an edit"
+
+
+def test_trajectory_clamp_clamps_every_layer_from_the_first_site_to_the_readout(tiny_model, tiny_dir, ioi):
+    from types import SimpleNamespace
+
+    from defenses.trajectory_clamp import trajectory
+
+    d = _fit(tiny_model, tiny_dir, ioi, "trajectory_clamp", first_layer=1, k=3)
+    assert d.sites == [1, 2, 3], "IOI reads the logits: every block from the first site to the last"
+    assert type(d).edit is SAEClamp.edit and all(len(e["features"]) == 3 for e in d.defended())
+    residual_suite = SimpleNamespace(task=SimpleNamespace(read_layer=2, name="tpp"), model=tiny_model,
+                                     default_layer=lambda: 1)
+    assert trajectory(residual_suite, None) == [1, 2], "a residual-reading suite's trajectory ends where it reads"
+    with pytest.raises(BenchmarkError, match="first_layer 3 lies above the layer suite 'tpp' reads \\(2\\)"):
+        trajectory(residual_suite, 3)
+    with pytest.raises(BenchmarkError, match="out of range"):
+        trajectory(residual_suite, 7)
+
+
+def _residuals_and_concept(model, ioi, d, layer):
+    """Residuals [n, d] at ``layer`` over editable positions of the fit split and the control set, with ``d``'s
+    erasers below ``layer`` applied, and the concept z [n] (1 on fit examples, 0 on control text)."""
+    xs, zs = [], []
+    for batch, z in ((ioi.encode(ioi.examples("fit")), 1.0), (ioi.control_batch(), 0.0)):
+        edits = {L: (lambda h, L=L: d.edit(L, h, batch.token_mask)) for L in d.sites if L < layer}
+        with torch.no_grad():
+            h = run_edited(model, batch, edits, read_layer=layer)
+        xs.append(h[batch.token_mask.bool()])
+        zs.append(torch.full((len(xs[-1]),), z))
+    return torch.cat(xs).double(), torch.cat(zs).double()
+
+
+def test_concept_scrubbing_leaves_no_linear_trace_of_the_concept_at_any_layer(tiny_model, tiny_dir, ioi):
+    """LEACE's guarantee, checked independently: after each layer's eraser (fitted on residuals the erasers below
+    it edited), the residual's cross-covariance with the concept is zero; before it, it is not."""
+    d = _fit(tiny_model, tiny_dir, ioi, "concept_scrubbing", first_layer=1)
+    assert d.sites == [1, 2, 3] and d.sae_at(1) is None and d.saes_used() == []
+    assert d.protected_directions(1).shape[0] == 1, "the first site erases a concept direction"
+    readable = {}  # layer: the concept's whitened cross-covariance with the residual before that layer's eraser
+    for layer in d.sites:
+        x, z = _residuals_and_concept(tiny_model, ioi, d, layer)
+        erased = d.edit(layer, x.float()[None], torch.ones(1, len(x), dtype=torch.bool))[0].double()
+
+        def cross_cov(v):
+            return ((v - v.mean(0)) * (z - z.mean())[:, None]).mean(0)
+
+        eigval, eigvec = torch.linalg.eigh(torch.cov(x.T))
+        readable[layer] = float((eigvec @ torch.diag(eigval.clamp_min(1e-9).rsqrt()) @ eigvec.T @ cross_cov(x)).norm())
+        if d.protected_directions(layer).shape[0]:
+            assert cross_cov(erased).norm() < 1e-4 * cross_cov(x).norm(), f"layer {layer}: the concept is still there"
+        else:  # the erasers below left too little to erase (under LEACE's tolerance): this one is the identity
+            assert readable[layer] < 0.2 * readable[1] and torch.equal(erased, x), readable
+    h, mask = _h_and_mask()
+    assert torch.equal(d.edit(2, h, mask)[:, 0], h[:, 0]), "position 0 (the attention sink) is untouched"
+    r = d.protected_directions(2)
+    assert r.shape[-1] == 64 and r.shape[0] <= 2 and d.readouts(2, h).shape == (3, 5, r.shape[0])
+    delta = torch.randn_like(h)
+    delta -= (delta @ torch.linalg.pinv(r)) @ r  # C1: orthogonal to the protected directions
+    assert torch.allclose(d.readouts(2, h + delta), d.readouts(2, h), atol=1e-4)
+
+
+def test_concept_scrubbing_checks_its_parameters(tiny_model, tiny_dir, ioi):
+    create = DEFENSES.get("concept_scrubbing").create
+    with pytest.raises(BenchmarkError, match="concept 'other' is not one of control, behavior"):
+        create(concept="other")
+    with pytest.raises(BenchmarkError, match="first_layer or layers, not both"):
+        create(first_layer=1, layers=[2])
+    d = _fit(tiny_model, tiny_dir, ioi, "concept_scrubbing", layers=[2], concept="behavior")
+    assert d.sites == [2], "layers=[L] is single-site LEACE"
+
+
+def test_low_rank_keeps_the_erasers_change_and_drops_its_null_rows():
+    from concept_erasure import LeaceEraser
+
+    from defenses.concept_scrubbing import low_rank
+
+    torch.manual_seed(0)
+    left, right = torch.randn(16, 2), torch.randn(2, 16)
+    padded = LeaceEraser(torch.cat([left, torch.zeros(16, 14)], 1), torch.cat([right, torch.zeros(14, 16)]), None)
+    small = low_rank(padded)
+    assert small.proj_left.shape == (16, 2) and small.proj_right.shape == (2, 16)
+    assert torch.allclose(small.proj_left @ small.proj_right, left @ right, atol=1e-4)
