@@ -82,16 +82,19 @@ class ConceptScrubbing(Defense):
             control = ctx.task.control_batch()
             labelled.append((control, torch.zeros(len(control))))
         self.erasers = {}
+        parts = [(batch.select(rows), z[rows]) for batch, z in labelled
+                 for rows in torch.arange(len(batch)).split(self.chunk)]
+        below: list[tuple[int, Tensor] | None] = [None] * len(parts)  # per part: the last erased site's residual
         for layer in layers:  # in order: each eraser is fitted on residuals the ones below it have edited
             fitter = LeaceFitter(ctx.model.d_model, 1, dtype=torch.float64)
-            for batch, z in labelled:
-                for rows in torch.arange(len(batch)).split(self.chunk):
-                    part = batch.select(rows)
-                    with torch.no_grad():
-                        h = run_edited(ctx.model, part, self._edits(part.token_mask), read_layer=layer)
-                    mask = part.token_mask.bool()
-                    fitter.update(h[mask].double(), z[rows][:, None].expand(mask.shape)[mask].double())
+            for i, (part, z) in enumerate(parts):
+                with torch.no_grad():  # only the blocks above the last erased site run again
+                    h = run_edited(ctx.model, part, {}, read_layer=layer, prefix=below[i])
+                mask = part.token_mask.bool()
+                fitter.update(h[mask].double(), z[:, None].expand(mask.shape)[mask].double())
+                below[i] = (layer, h)
             self.erasers[layer] = low_rank(fitter.eraser)
+            below = [(layer, self.edit(layer, h, part.token_mask)) for (part, _), (_, h) in zip(parts, below)]
 
     @torch.no_grad()
     def _fit_labels(self, ctx: FitContext, fit: PromptBatch) -> Tensor:
@@ -105,10 +108,6 @@ class ConceptScrubbing(Defense):
             raise BenchmarkError(f"concept_scrubbing concept 'behavior' needs fit examples with and without the "
                                  f"behavior ({int(has.sum())} of {len(has)} have it); use concept=control")
         return has.float()
-
-    def _edits(self, token_mask: Tensor) -> dict:
-        """The erasers fitted so far as edits of a forward pass over a batch with ``token_mask`` [b, p]."""
-        return {L: (lambda h, L=L: self.edit(L, h, token_mask)) for L in self.erasers}
 
     @property
     def sites(self) -> list[int]:
