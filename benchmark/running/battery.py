@@ -27,6 +27,8 @@ GENERIC = ("sae_clamp", "error_projection_clamp", "sae_reconstruct_clamp", "dire
            "submissions/decoder_span_ablation", "adversarial_projection_clamp")
 #: the multi-site clamp's default layers are 8, 12 and 16; TPP reads the residual after block 12, so there 8 and 12
 MULTI_TPP = ("layers=[8,12]",)
+#: the trajectory defenses start at the default layer, 12, which is also where TPP reads: there they start at 8
+TRAJECTORY_TPP = ("first_layer=8",)
 #: the jacobian attack's cross-site basis grows with batch x prompt length: on TPP's long abstracts a chunk of 64
 #: took more than 22 GB (killed on a 24 GB machine), so it runs in chunks of 16
 JACOBIAN_TPP = ("--batch-size", "16")
@@ -85,6 +87,12 @@ PLAN: tuple[Step, ...] = (
     Step("multi_layer_clamp", ("tpp",), ("encoder", *BASELINES), MULTI_TPP),
     # a defense that abstains on a monitor, with the attacks that adapt to it (issue 18)
     Step("error_monitor", SUITES, ("encoder", *ADAPTIVE, *BASELINES)),
+    # defenses over the whole trajectory from the first site to the readout (issue 18); on TPP, which reads the
+    # residual after block 12 (the default first site), the trajectory starts at block 8
+    Step("trajectory_clamp", ("wmdp_bio", "ioi", "refusal"), ("encoder",)),
+    Step("trajectory_clamp", ("tpp",), ("encoder",), TRAJECTORY_TPP),
+    Step("concept_scrubbing", ("wmdp_bio", "ioi", "refusal"), ("encoder",)),
+    Step("concept_scrubbing", ("tpp",), ("encoder",), TRAJECTORY_TPP),
 )
 
 
