@@ -210,5 +210,11 @@ def test_the_goal_line_names_a_defense_only_when_two_checked_suites_hold(tmp_pat
     line = goal_status(unchecked)
     assert "Not reached by any defense. Closest: strong" in line and "unchecked: transfer, random_search" in line
     assert "(2 counted suites at or above 50%, 0 of them checked" in line
+    assert "What broke it" not in line, "both of its best suites hold; only the checks are missing"
     checked = standings(runs("strong", ["encoder", "transfer", "random_search"]))
     assert goal_status(checked).endswith("Reached by: strong.")
+    half = [(tmp_path / "half-tpp.json", _record("half", "tpp", "encoder", budget=None)),
+            (tmp_path / "half-ioi.json", _record("half", "ioi", "encoder", budget=0.01))]
+    flips = sum(e["valid_flip"] for e in half[1][1]["examples"])
+    assert goal_status(standings(half)).endswith(
+        f"What broke it: on ioi the encoder attack recovers {flips} of {flips} valid flips within the headline budget.")

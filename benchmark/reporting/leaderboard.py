@@ -225,9 +225,15 @@ def goal_status(standing: list[Standing]) -> str:
     shown = "; ".join(f"{t} {_pct(c.score.headline)}" + (f" (unchecked: {', '.join(c.unchecked)})" if c.unchecked
                                                           else "") for t, c in best(closest)[:2])
     holding = [c for c in closest.cells.values() if held(c)]
+    broke = []
+    for t, c in best(closest)[:2]:
+        if not held(c):
+            mode, n = max(c.recovered_within(HEADLINE_BUDGET).items(), key=lambda kv: kv[1])
+            broke.append(f"on {t} the {mode} attack recovers {n} of {c.flips} valid flips within the headline budget")
     return (f"{goal} Not reached by any defense. Closest: {closest.defense}, at the headline budget {shown} "
             f"({len(holding)} counted suite{'s' if len(holding) != 1 else ''} at or above {100 * HOLDS:g}%, "
-            f"{sum(not c.unchecked for c in holding)} of them checked against every adaptive attack it needs).")
+            f"{sum(not c.unchecked for c in holding)} of them checked against every adaptive attack it needs)."
+            + (f" What broke it: {'; '.join(broke)}." if broke else ""))
 
 
 COVERAGE_HEADERS = ["defense", *SUITES]

@@ -121,6 +121,12 @@ class Cell:
                   *(["transfer", "random_search"] if monitored or holds else [])]
         return [a for a in needed if a not in self.attacks]
 
+    def recovered_within(self, budget: float) -> dict[str, int]:
+        """Per attack of this cell, how many valid flips it recovered at a budget of at most ``budget``."""
+        return {r["attack"]["mode"]: sum(e["valid_flip"] and e["recovered"] and e["recovery_budget"] is not None
+                                         and e["recovery_budget"] <= budget for e in r["examples"])
+                for _, r in self.entries}
+
     @property
     def flips(self) -> int:
         return self.record["counts"]["valid_flips"]
