@@ -370,7 +370,7 @@ def write_report_markdown(out_dir: Path) -> Path:
         heading = [f"## Run {i + 1}: layers {', '.join(map(str, layers))}", ""] if len(runs) > 1 else []
         sections += [
             *heading,
-            f"Config: `{json.dumps(cfg)}`. Activation collection {run['collect_seconds']} s; total "
+            f"Config: `{json.dumps({k: v for k, v in cfg.items() if k != 'layers'})}`. Activation collection {run['collect_seconds']} s; total "
             f"{run.get('total_seconds', 'n/a')} s on {_where(run)} (times include whatever else shared the cores "
             "during the run).",
             "",
