@@ -32,8 +32,8 @@ class TrajectoryClamp(MultiLayerClamp):
     grad attribution on the fit split, clamped exactly as ``sae_clamp`` does (same ``mode`` and ``value``, error
     term kept). The attack perturbs the first site under C1 there and is differentiated through every later clamp.
 
-    It needs an SAE at every one of those layers: on the default model, blocks 13-29 beside the reference SAEs
-    (8, 12, 16) are narrower, cheaper ones trained by ``benchmark train-saes`` for this defense
+    It needs an SAE at every one of those layers: on the default model, every block from 9 to 29 but the reference
+    ones (8, 12, 16) has a narrower, cheaper SAE trained by ``benchmark train-saes`` for this defense
     (``saes/smollm2-135m-instruct/REPORT.md``, run 2). A layer without one stops the fit with the command to train it.
     """
 
