@@ -218,3 +218,18 @@ def test_the_goal_line_names_a_defense_only_when_two_checked_suites_hold(tmp_pat
     flips = sum(e["valid_flip"] for e in half[1][1]["examples"])
     assert goal_status(standings(half)).endswith(
         f"What broke it: on ioi the encoder attack recovers {flips} of {flips} valid flips within the headline budget.")
+
+
+def test_the_paper_table_never_takes_a_limit_run_for_the_suite(tmp_path):
+    """A `--limit` run (a few test examples) sits beside the full record in the suite's table, marked; the paper's
+    figures come from the full record only."""
+    from benchmark.reporting.paper import paper_rows
+
+    full = _record("sae_clamp", "ioi", "encoder", 0.01)
+    few = copy.deepcopy(full)
+    few["task"]["limit"] = 8
+    few["counts"]["valid_flips"] = 3
+    rows = paper_rows(standings([(tmp_path / "ioi__encoder.json", full), (tmp_path / "ioi__encoder.limit-8.json", few)]),
+                      tmp_path)
+    ioi = next(r for r in rows if r[4].startswith("[sae_clamp · encoder]"))
+    assert "ioi__encoder.json" in ioi[4] and ioi[3] == f"{full['counts']['recovered']} of {full['counts']['valid_flips']} valid flips"

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from benchmark.reporting.ranking import Standing
-from benchmark.running.records import RECORDS_DIR
+from benchmark.running.records import RECORDS_DIR, comparable
 from tasks import TASKS
 
 PAPER_FILE = RECORDS_DIR.parent / "paper.json"
@@ -51,7 +51,8 @@ def _evidence(metric: str, record: dict) -> str:
 
 def paper_rows(standing: list[Standing], base: Path) -> list[list[str]]:
     """One row per figure of the paper: its value, ours (from the reference defense's record), the evidence."""
-    records = {(s.defense, r["task"]["name"], r["attack"]["mode"]): (p, r) for s in standing for p, r in s.entries}
+    records = {(s.defense, r["task"]["name"], r["attack"]["mode"]): (p, r) for s in standing for p, r in s.entries
+               if comparable(r)}  # a --limit run's few examples never stand for the suite
     rows = []
     for f in paper()["figures"]:
         theirs = ("~" if f.get("approximate") else "") + _value(f["metric"], f["paper"])
