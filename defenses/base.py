@@ -79,6 +79,32 @@ def check_layers(name: str, layers: list[int], features: list[list[int]] | None)
         raise BenchmarkError(f"{name} needs one feature list per layer: {len(layers)} layers, {len(features)} lists")
 
 
+def trajectory(ctx: FitContext, first_layer: int | None) -> list[int]:
+    """Every block from ``first_layer`` (default: the model's default SAE layer) to the readout: the block whose
+    residual a residual-reading suite reads, else the last block (the logits read its output)."""
+    first = ctx.default_layer() if first_layer is None else first_layer
+    ctx.model.check_layer(first)
+    last = ctx.task.read_layer if ctx.task.read_layer is not None else ctx.model.n_layers - 1
+    if first > last:
+        raise BenchmarkError(f"first_layer {first} lies above the layer suite '{ctx.task.name}' reads ({last}): "
+                             f"choose first_layer <= {last}")
+    return list(range(first, last + 1))
+
+
+def behavior_present(ctx: FitContext, batch: PromptBatch, chunk: int, what: str, instead: str) -> Tensor:
+    """[b] bool: which examples of ``batch`` (the fit split) show the behavior undefended (score > 0); refuses a split
+    without both kinds, naming ``what`` needs them and the setting to use ``instead``."""
+    from benchmark.modeling.forward import run_task
+
+    with torch.no_grad():
+        b = torch.cat([ctx.task.behavior(run_task(ctx.model, ctx.task, part, {}), part) for part in batch.chunks(chunk)])
+    has = b > 0
+    if has.all() or not has.any():
+        raise BenchmarkError(f"{what} needs fit examples with and without the behavior ({int(has.sum())} of "
+                             f"{len(has)} have it); use {instead}")
+    return has
+
+
 class Defense(ABC):
     name: ClassVar[str]
     version: ClassVar[str]

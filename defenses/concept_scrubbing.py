@@ -15,9 +15,8 @@ from concept_erasure import LeaceEraser, LeaceFitter
 from torch import Tensor
 
 from benchmark.errors import BenchmarkError
-from benchmark.modeling.forward import run_edited, run_task
-from defenses.base import DEFENSES, Defense, FitContext
-from defenses.trajectory_clamp import trajectory
+from benchmark.modeling.forward import run_edited
+from defenses.base import DEFENSES, Defense, FitContext, behavior_present, trajectory
 from tasks.base import PromptBatch
 
 CONCEPTS = ("control", "behavior")
@@ -87,27 +86,21 @@ class ConceptScrubbing(Defense):
         below: list[tuple[int, Tensor] | None] = [None] * len(parts)  # per part: the last erased site's residual
         for layer in layers:  # in order: each eraser is fitted on residuals the ones below it have edited
             fitter = LeaceFitter(ctx.model.d_model, 1, dtype=torch.float64)
-            for i, (part, z) in enumerate(parts):
+            seen = []
+            for (part, z), prefix in zip(parts, below):
                 with torch.no_grad():  # only the blocks above the last erased site run again
-                    h = run_edited(ctx.model, part, {}, read_layer=layer, prefix=below[i])
+                    h = run_edited(ctx.model, part, {}, read_layer=layer, prefix=prefix)
                 mask = part.token_mask.bool()
                 fitter.update(h[mask].double(), z[:, None].expand(mask.shape)[mask].double())
-                below[i] = (layer, h)
+                seen.append(h)
             self.erasers[layer] = low_rank(fitter.eraser)
-            below = [(layer, self.edit(layer, h, part.token_mask)) for (part, _), (_, h) in zip(parts, below)]
+            below = [(layer, self.edit(layer, h, part.token_mask)) for (part, _), h in zip(parts, seen)]
 
-    @torch.no_grad()
     def _fit_labels(self, ctx: FitContext, fit: PromptBatch) -> Tensor:
         """[b] concept labels of the fit examples: 1 each (``control``), or whether the behavior is there."""
         if self.concept == "control":
             return torch.ones(len(fit))
-        b = torch.cat([ctx.task.behavior(run_task(ctx.model, ctx.task, part, {}), part)
-                       for part in fit.chunks(self.chunk)])
-        has = b > 0
-        if has.all() or not has.any():
-            raise BenchmarkError(f"concept_scrubbing concept 'behavior' needs fit examples with and without the "
-                                 f"behavior ({int(has.sum())} of {len(has)} have it); use concept=control")
-        return has.float()
+        return behavior_present(ctx, fit, self.chunk, "concept_scrubbing concept 'behavior'", "concept=control").float()
 
     @property
     def sites(self) -> list[int]:

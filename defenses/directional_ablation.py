@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from benchmark.errors import BenchmarkError
-from benchmark.modeling.forward import capture, run_edited, run_task
-from defenses.base import DEFENSES, Defense, FitContext
+from benchmark.modeling.forward import capture, run_edited
+from defenses.base import DEFENSES, Defense, FitContext, behavior_present
 from tasks.base import PromptBatch
 
 CONTRASTS = ("control", "behavior")
@@ -68,15 +68,7 @@ class DirectionalAblation(Defense):
             pos = self._mean(sums, counts)
             neg = self._mean(*self._residuals(ctx, ctx.task.control_batch(), layer))
         else:
-            with torch.no_grad():
-                b = torch.cat([ctx.task.behavior(run_task(ctx.model, ctx.task, part, {}), part)
-                               for part in fit.chunks(self.chunk)])
-            has = b > 0
-            if has.all() or not has.any():
-                raise BenchmarkError(
-                    f"directional_ablation contrast 'behavior' needs fit examples with and without the behavior "
-                    f"({int(has.sum())} of {len(has)} have it); use contrast=control"
-                )
+            has = behavior_present(ctx, fit, self.chunk, "directional_ablation contrast 'behavior'", "contrast=control")
             pos, neg = self._mean(sums[has], counts[has]), self._mean(sums[~has], counts[~has])
         diff = pos - neg
         if diff.norm() < 1e-8:

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from benchmark.errors import BenchmarkError
-from defenses.base import DEFENSES, FitContext
+from defenses.base import DEFENSES, FitContext, trajectory
 from defenses.multi_layer_clamp import MultiLayerClamp
 from defenses.sae_clamp import DEFAULT_K, DEFAULT_VALUE
-
-
-def trajectory(ctx: FitContext, first_layer: int | None) -> list[int]:
-    """Every block from ``first_layer`` (default: the model's default SAE layer) to the readout: the block whose
-    residual a residual-reading suite reads, else the last block (the logits read its output)."""
-    first = ctx.default_layer() if first_layer is None else first_layer
-    ctx.model.check_layer(first)
-    last = ctx.task.read_layer if ctx.task.read_layer is not None else ctx.model.n_layers - 1
-    if first > last:
-        raise BenchmarkError(f"first_layer {first} lies above the layer suite '{ctx.task.name}' reads ({last}): "
-                             f"choose first_layer <= {last}")
-    return list(range(first, last + 1))
 
 
 @DEFENSES.register("trajectory_clamp")

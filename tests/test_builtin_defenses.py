@@ -234,7 +234,7 @@ def test_each_builtin_edit_is_causal(tiny_model, tiny_dir, ioi, name):
 def test_trajectory_clamp_clamps_every_layer_from_the_first_site_to_the_readout(tiny_model, tiny_dir, ioi):
     from types import SimpleNamespace
 
-    from defenses.trajectory_clamp import trajectory
+    from defenses.base import trajectory
 
     d = _fit(tiny_model, tiny_dir, ioi, "trajectory_clamp", first_layer=1, k=3)
     assert d.sites == [1, 2, 3], "IOI reads the logits: every block from the first site to the last"

@@ -269,7 +269,8 @@ def train_reference_saes(out_dir: Path, cfg: TrainConfig, model_name: str = DEFA
     train_acts = collect_residuals(model, train_seqs, cfg.layers)
     held_acts = collect_residuals(model, heldout_seqs, cfg.layers)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = {"config": asdict(cfg), "threads": torch.get_num_threads(), **({"note": note} if note else {}),
+    run = {"config": asdict(cfg), "chat_template": bool(getattr(model.tokenizer, "chat_template", None)),
+           "threads": torch.get_num_threads(), **({"note": note} if note else {}),
            "collect_seconds": round(time.time() - started, 1)}
     report["runs"].append(run)
     for layer in cfg.layers:
@@ -321,7 +322,7 @@ def as_runs(report: dict) -> dict:
     either form; reports written before SAEs could be added to a folder held one run at the top level."""
     if "runs" in report:
         return report
-    run_keys = ("config", "threads", "note", "collect_seconds", "total_seconds")
+    run_keys = ("config", "chat_template", "threads", "note", "collect_seconds", "total_seconds")
     run = {k: report[k] for k in run_keys if k in report}
     out = {k: v for k, v in report.items() if k not in run_keys}
     out["runs"] = [run]
